@@ -1,0 +1,59 @@
+"""The hooks a harness plugin can implement.
+
+A plugin is a module (or object) with functions decorated by ``@harness.hookimpl`` whose names match
+the specifications below. Built-in plugins (``harness_plugins.*``) use exactly the same hooks as
+third-party ones. No hook is ever called inside a timed region.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("harness")
+hookimpl = pluggy.HookimplMarker("harness")
+
+
+@hookspec
+def register_samplers(register):
+    """Register sampler classes.
+
+    Called once, when the plugin registry is first built (before any command runs).
+
+    :param register: call ``register(SamplerClass)`` for each sampler the plugin provides. The class
+        must subclass :class:`harness.sampler.Sampler` and set ``name`` and ``description``.
+        Registering a name that another plugin already registered is an error.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_trainers(register):
+    """Register trainer classes.
+
+    Called once, when the plugin registry is first built.
+
+    :param register: call ``register(TrainerClass)`` for each trainer the plugin provides. The class
+        must set ``name`` and ``description``; ``harness train --plugin NAME`` runs it.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the ``harness`` command-line interface.
+
+    Called once, when the CLI first lists or resolves its commands.
+
+    :param cli: the top-level :class:`click.Group`; use ``@cli.command()`` to add a command.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def harness_machine_info(info):
+    """Add fields to the ``environment`` block written into every benchmark record.
+
+    Called once per ``harness bench`` run, before any sampler is loaded, never while timing.
+
+    :param info: the environment dict collected so far (versions, device, git commit). Add keys to it
+        in place; prefer a namespaced key (``"myplugin_driver"``) so plugins do not collide.
+    :return: nothing; the return value is ignored.
+    """

@@ -1,0 +1,207 @@
+"""Which model and LoRA a run uses, and loading them with diffusers' own API.
+
+Every model - SD 1.5 from the hub, a local diffusers folder, the embedded tiny model - goes through the
+same ``StableDiffusionPipeline.from_pretrained`` / ``load_lora_weights`` / ``fuse_lora`` path, so the
+embedded model exercises exactly the code GPU users run.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The seed's model id; the repository was deleted from the hub in 2024.
+SD15_SEED_ID = "runwayml/stable-diffusion-v1-5"
+FLASH_SD_LORA = "jasperai/flash-sd"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+SD15_PROMPT = "a beautiful landscape with mountains and a lake, sunset, highly detailed"
+EMBEDDED_PROMPT = "a small red circle at the top on a blue background"
+
+OFFLINE_FIX = (
+    "run `huggingface-cli login` (and accept the model licence on the hub), check the network, "
+    "or pass --model embedded to use the model that ships with harness"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model choice resolved to something ``from_pretrained`` can load."""
+
+    name: str  # what the user asked for, e.g. "sd15", "embedded", a hub id or a folder
+    location: str  # hub id or local folder handed to from_pretrained
+    kind: str  # "preset", "hub" or "local"
+    default_lora: str | None  # the few-step LoRA flash-lcm uses when --lora_id/--lora_path are absent
+    default_prompt: str
+    notice: str | None = None  # one line to show the user about how the name was resolved
+
+
+def default_model_name(device: torch.device) -> str:
+    return "sd15" if device.type == "cuda" else "embedded"
+
+
+def resolve_model(name: str) -> ModelSpec:
+    if name == "embedded":
+        from harness.embedded import ensure_embedded_lora, ensure_embedded_model
+
+        return ModelSpec(
+            name, str(ensure_embedded_model()), "preset", str(ensure_embedded_lora()), EMBEDDED_PROMPT
+        )
+    if name == "sd15":
+        return ModelSpec(name, SD15_MIRROR, "preset", FLASH_SD_LORA, SD15_PROMPT)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise HarnessError(
+                f"model folder '{path}' has no model_index.json; pass a diffusers pipeline folder "
+                "(as written by save_pretrained) or a preset: sd15, embedded."
+            )
+        return ModelSpec(name, str(path), "local", FLASH_SD_LORA, SD15_PROMPT)
+    if name == SD15_SEED_ID:
+        if _cached_on_disk(SD15_SEED_ID):
+            return ModelSpec(name, SD15_SEED_ID, "hub", FLASH_SD_LORA, SD15_PROMPT)
+        notice = (
+            f"{SD15_SEED_ID} was removed from the hub; using its maintained mirror {SD15_MIRROR} "
+            "(the same weights)."
+        )
+        return ModelSpec(name, SD15_MIRROR, "hub", FLASH_SD_LORA, SD15_PROMPT, notice)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return ModelSpec(name, name, "hub", FLASH_SD_LORA, SD15_PROMPT)
+    raise HarnessError(
+        f"model '{name}' is not a preset, an existing folder or a hub id; "
+        "use sd15, embedded, owner/name or a path to a diffusers folder."
+    )
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise HarnessError(f"unknown device '{requested}'; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(
+            "CUDA is not available; install a CUDA build of PyTorch (see README, GPU setup) "
+            "or pass --device cpu."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise HarnessError("MPS is not available on this machine; pass --device cpu.")
+    return device
+
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (as the seed does), fp32 elsewhere, unless the user says otherwise."""
+    if requested is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """Load a Stable Diffusion pipeline from safetensors only; clear one-line errors otherwise."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; the old name keeps older versions working.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                spec.location,
+                torch_dtype=dtype,
+                use_safetensors=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+    except Exception as error:  # noqa: BLE001 - diffusers/hub raise many types; all mean "cannot load"
+        raise HarnessError(_load_failure(f"model '{spec.name}' ({spec.location})", error, spec.kind)) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_failure(what: str, error: Exception, kind: str) -> str:
+    reason = _first_line(error)
+    if kind == "local":
+        return f"cannot load {what}: {reason}. Check that the folder is complete (re-save it with save_pretrained)."
+    return f"cannot load {what}: {reason}. To fix: {OFFLINE_FIX}."
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    location: str  # a local folder or a hub id
+    weight_name: str | None  # a file inside the folder, when the user named a file
+    kind: str  # "local" or "hub"
+
+
+def resolve_lora(lora_path: str | None, lora_id: str | None) -> LoraSource | None:
+    """--lora_path wins over --lora_id (the seed's rule). Only safetensors files are accepted."""
+    if lora_path:
+        path = Path(lora_path).expanduser()
+        if not path.exists():
+            raise HarnessError(f"--lora_path '{path}' does not exist; pass the folder that holds the LoRA (e.g. .../lora/final).")
+        if path.is_file():
+            _refuse_pickle(path)
+            if path.suffix != ".safetensors":
+                raise HarnessError(f"--lora_path '{path}' is not a .safetensors file; pass a LoRA saved in safetensors.")
+            return LoraSource(str(path.parent), path.name, "local")
+        safetensors = sorted(path.glob("*.safetensors"))
+        if not safetensors:
+            pickled = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                _refuse_pickle(pickled[0])
+            raise HarnessError(
+                f"--lora_path '{path}' holds no .safetensors LoRA weights; pass the folder with "
+                "pytorch_lora_weights.safetensors (e.g. checkpoints/RUN/lora/final)."
+            )
+        return LoraSource(str(path), None, "local")
+    if lora_id:
+        if Path(lora_id).expanduser().exists():
+            return resolve_lora(lora_id, None)
+        return LoraSource(lora_id, None, "hub")
+    return None
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise HarnessError(
+            f"refusing to load '{path}': pickled weights can run code when loaded. harness loads "
+            "safetensors only; convert it with safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True), 'pytorch_lora_weights.safetensors') where you trust the file."
+        )
+
+
+def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
+    """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it."""
+    try:
+        pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
+    except Exception as error:  # noqa: BLE001
+        reason = _first_line(error)
+        if source.kind == "hub":
+            raise HarnessError(f"cannot load LoRA '{source.location}': {reason}. To fix: {OFFLINE_FIX}.") from None
+        raise HarnessError(
+            f"cannot load LoRA from '{source.location}': {reason}. Check that it is a diffusers LoRA "
+            "for this base model, saved in safetensors."
+        ) from None
+    if fuse:
+        pipe.fuse_lora()

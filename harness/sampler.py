@@ -1,0 +1,156 @@
+"""What a sampler plugin implements.
+
+A sampler turns (prompt, steps, guidance, seeds) into images and says what it is. It never times
+itself, never writes files and never prints tables: ``harness.runner`` and ``harness.timing`` do that,
+identically for every sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import click
+import torch
+
+from harness import models
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One call: ``len(seeds)`` images of one prompt, image ``i`` drawn from ``seeds[i]``."""
+
+    prompt: str
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Run settings a sampler may need; ``options`` holds the values of the sampler's own options."""
+
+    model: models.ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    lora_path: str | None = None
+    lora_id: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerInfo:
+    """What a loaded sampler is, written into every record it produces."""
+
+    model: str
+    scheduler: str
+    lora: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Sampler:
+    """Base class for sampler plugins.
+
+    Subclasses set ``name`` and ``description``, may add click ``options`` (their values arrive in
+    ``config.options`` by parameter name), and implement :meth:`load`, :meth:`generate` and
+    :meth:`describe`. ``components`` lets the runner count UNet evaluations and time the text
+    encoder, denoiser and decoder separately; samplers without such modules return ``{}``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: A baseline sampler runs at --baseline_steps / --baseline_guidance and writes to the baseline folder.
+    is_baseline: ClassVar[bool] = False
+    #: The guidance scale a few-step sampler runs at (LCM-style samplers need none).
+    default_guidance: ClassVar[float] = 0.0
+    options: ClassVar[list[click.Option]] = []
+
+    def __init__(self, config: SamplerConfig):
+        self.config = config
+
+    def load(self) -> None:
+        """Build or load everything once; called before any generation, timed as ``load_s``."""
+        raise NotImplementedError
+
+    def generate(self, request: GenerationRequest) -> list:
+        """Return ``request.num_images`` PIL images; the same request must give the same pixels."""
+        raise NotImplementedError
+
+    def describe(self) -> SamplerInfo:
+        raise NotImplementedError
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """Modules named ``text_encoder``, ``denoiser`` and ``decoder``, where the sampler has them."""
+        return {}
+
+    def unload(self) -> None:
+        """Free memory before the next sampler loads."""
+
+
+class DiffusersSampler(Sampler):
+    """A sampler around a diffusers ``StableDiffusionPipeline``; subclasses adapt it in :meth:`prepare`."""
+
+    pipeline = None
+    lora_label: str | None = None
+
+    def prepare(self, pipe) -> None:
+        """Change the freshly loaded pipeline in place (LoRA, scheduler). Default: use it as it is."""
+
+    def load(self) -> None:
+        pipe = models.load_pipeline(self.config.model, self.config.device, self.config.dtype)
+        self.prepare(pipe)
+        self.pipeline = pipe
+
+    def generate(self, request: GenerationRequest) -> list:
+        # CPU generators make the starting noise identical on every device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+        result = self.pipeline(
+            prompt=request.prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=request.num_images,
+            generator=generators,
+            height=request.height,
+            width=request.width,
+        )
+        return result.images
+
+    def describe(self) -> SamplerInfo:
+        scheduler = self.pipeline.scheduler
+        spacing = scheduler.config.get("timestep_spacing")
+        return SamplerInfo(
+            model=self.config.model.location if self.config.model.kind == "hub" else self.config.model.name,
+            scheduler=type(scheduler).__name__ + (f" ({spacing})" if spacing else ""),
+            lora=self.lora_label,
+            details={"model_location": self.config.model.location},
+        )
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        pipe = self.pipeline
+        return {"text_encoder": pipe.text_encoder, "denoiser": pipe.unet, "decoder": pipe.vae.decoder}
+
+    def unload(self) -> None:
+        self.pipeline = None
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class FewStepLoraSampler(DiffusersSampler):
+    """Base model + a fused few-step LoRA + LCMScheduler with trailing timesteps, guidance 0."""
+
+    def lora_source(self) -> models.LoraSource | None:
+        return models.resolve_lora(self.config.lora_path, self.config.lora_id or self.config.model.default_lora)
+
+    def prepare(self, pipe) -> None:
+        from diffusers import LCMScheduler
+
+        source = self.lora_source()
+        models.load_lora(pipe, source)
+        self.lora_label = source.location if source.weight_name is None else f"{source.location}/{source.weight_name}"
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")

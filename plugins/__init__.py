@@ -1,0 +1,1 @@
+"""harness's built-in plugins, installed as ``harness_plugins`` and loaded through DEFAULT_PLUGINS."""
