@@ -1,0 +1,42 @@
+"""Shared test setup: no network, a private harness cache, one embedded model build per session."""
+
+import os
+
+import pytest
+
+# Set before anything imports huggingface_hub: tests must never reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def harness_home(tmp_path_factory):
+    """Every test (and every subprocess it starts) uses one private HARNESS_HOME and HF cache."""
+    home = tmp_path_factory.mktemp("harness-home")
+    previous = {key: os.environ.get(key) for key in ("HARNESS_HOME", "HF_HOME")}
+    os.environ["HARNESS_HOME"] = str(home)
+    os.environ["HF_HOME"] = str(home / "hf")
+    yield home
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def embedded_model(harness_home):
+    from harness.embedded import ensure_embedded_lora, ensure_embedded_model
+
+    ensure_embedded_lora()
+    return ensure_embedded_model()
+
+
+def invoke(*args: str):
+    """Run the harness CLI in-process and return click's result."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    return CliRunner().invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
