@@ -150,8 +150,9 @@ class BenchRun:
         try:
             _, load_s = timing.timed(sampler.load, self.device)
         except Exception as error:  # noqa: BLE001 - a failing plugin must not stop the others
+            self.errors.append(f"{name}: {_message(error)}")
             for task in tasks:
-                self._fail(task, error)
+                self._append_failure(task, _message(error))
                 self.on_progress(task)
             return
         try:
@@ -159,11 +160,10 @@ class BenchRun:
             for task in tasks:
                 try:
                     self._measure(sampler, task, load_s, info)
-                except torch.cuda.OutOfMemoryError as error:
-                    self._fail(task, error, advice="CUDA out of memory: reduce --num_images to 1 and close "
-                                                   "other GPU applications.")
+                except torch.cuda.OutOfMemoryError:
+                    self._fail(task, "CUDA out of memory: reduce --num_images to 1 and close other GPU applications.")
                 except Exception as error:  # noqa: BLE001
-                    self._fail(task, error)
+                    self._fail(task, _message(error))
                 self.on_progress(task)
         finally:
             sampler.unload()
@@ -232,10 +232,11 @@ class BenchRun:
         config.update(model=self.model.name, model_location=self.model.location)
         return config
 
-    def _fail(self, task: Task, error: Exception, advice: str | None = None) -> None:
-        message = str(error) if isinstance(error, HarnessError) else f"{type(error).__name__}: {error}"
-        message = advice or message.strip().splitlines()[0]
+    def _fail(self, task: Task, message: str) -> None:
         self.errors.append(f"{task.sampler} ({task.steps} steps): {message}")
+        self._append_failure(task, message)
+
+    def _append_failure(self, task: Task, message: str) -> None:
         self._append({
             "schema": records.SCHEMA,
             "status": "failed",
@@ -252,6 +253,12 @@ class BenchRun:
     def _append(self, record: dict[str, Any]) -> None:
         records.append_record(self.records_path, record)
         self.records.append(record)
+
+
+def _message(error: Exception) -> str:
+    """A one-line description: HarnessError text as it is, anything else prefixed by its type."""
+    text = str(error) if isinstance(error, HarnessError) else f"{type(error).__name__}: {error}"
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def _unet_counts(stage_profile: timing.Profile, images_per_call: int) -> dict[str, Any]:

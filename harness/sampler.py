@@ -108,18 +108,20 @@ class DiffusersSampler(Sampler):
         self.pipeline = pipe
 
     def generate(self, request: GenerationRequest) -> list:
-        # CPU generators make the starting noise identical on every device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
-        result = self.pipeline(
-            prompt=request.prompt,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.num_images,
-            generator=generators,
-            height=request.height,
-            width=request.width,
-        )
-        return result.images
+        return self.pipeline(**self.call_arguments(request)).images
+
+    def call_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """Keyword arguments of the pipeline call; extend them to pass sampler-specific settings."""
+        return {
+            "prompt": request.prompt,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "num_images_per_prompt": request.num_images,
+            # CPU generators make the starting noise identical on every device.
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
+            "height": request.height,
+            "width": request.width,
+        }
 
     def describe(self) -> SamplerInfo:
         scheduler = self.pipeline.scheduler
