@@ -69,12 +69,12 @@ class HarnessGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._registry(ctx)
-        return sorted({*super().list_commands(ctx), "bench"})
+        return sorted({*super().list_commands(ctx), *GENERATED_COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str):
         registry = self._registry(ctx)
-        if name == "bench":
-            return make_bench_command(registry)
+        if name in GENERATED_COMMANDS:
+            return GENERATED_COMMANDS[name](registry)
         return super().get_command(ctx, name)
 
 
@@ -112,9 +112,23 @@ def _alias(name: str) -> tuple[str, ...]:
     return (dashed,) if "_" not in name else (dashed, "--" + name)
 
 
-def make_bench_command(registry) -> click.Command:
+BENCH_HELP = """Generate images with one or more samplers and time them under one protocol.
+
+Example: harness bench --sampler flash-lcm --steps 2 4 8 --seed 42 --compare_baseline"""
+
+EVAL_HELP = """Evaluate a trained LoRA against the baseline (the seed's eval_lora.sh).
+
+The baseline (--baseline_steps 30, --baseline_guidance 7.5) and the student (--lora_path, each of --steps,
+guidance 0) run through the same machinery as `harness bench --compare_baseline`: comparison grids,
+records and the timing table.
+
+Example: harness eval --lora_path ./checkpoints/my_lora_student/lora/final --steps 2 4 8 --seed 42"""
+
+
+def make_bench_command(registry, name: str = "bench", default_samplers: tuple[str, ...] = ("flash-lcm",),
+                       always_compare: bool = False, help_text: str = BENCH_HELP) -> click.Command:
     params = [
-        click.Option(["--sampler", "-s", "samplers"], multiple=True, default=("flash-lcm",), show_default=True,
+        click.Option(["--sampler", "-s", "samplers"], multiple=True, default=default_samplers, show_default=True,
                      help="Sampler(s) to run; several values after one flag or a repeated flag. "
                           f"Installed: {', '.join(sorted(registry.samplers))}."),
         click.Option(["--prompt"], help="Text prompt (default: a prompt suited to the model)."),
@@ -169,14 +183,18 @@ def make_bench_command(registry) -> click.Command:
                 params.append(option)
 
     def callback(**values: Any) -> None:
-        plugin_values = {name: values.pop(name) for name in plugin_option_names}
+        plugin_values = {option: values.pop(option) for option in plugin_option_names}
+        values["compare_baseline"] = values["compare_baseline"] or always_compare
         run_bench(registry, values, plugin_values)
 
-    return MultiValueCommand(
-        "bench", params=params, callback=callback, multi_value=("--sampler", "-s", "--steps"),
-        help="Generate images with one or more samplers and time them under one protocol.\n\n"
-             "Example: harness bench --sampler flash-lcm --steps 2 4 8 --seed 42 --compare_baseline",
-    )
+    return MultiValueCommand(name, params=params, callback=callback, multi_value=("--sampler", "-s", "--steps"),
+                             help=help_text)
+
+
+GENERATED_COMMANDS = {
+    "bench": make_bench_command,
+    "eval": lambda registry: make_bench_command(registry, "eval", ("local-student",), True, EVAL_HELP),
+}
 
 
 def read_prompts(path: str) -> list[str]:

@@ -108,3 +108,12 @@ def test_empty_prompt_file_is_an_error(tmp_path):
     result = invoke("bench", "--dry-run", "--prompts", empty)
     assert result.exit_code == 2
     assert f"prompt file '{empty}' holds no prompts" in result.output
+
+
+def test_eval_is_bench_with_the_student_against_the_baseline():
+    result = invoke("eval", "--dry-run", "--lora_path", "ckpt/lora/final", "--steps", "2", "4", "8", "--seed", "42")
+    assert result.exit_code == 0, result.output
+    planned = json.loads(result.output)
+    assert planned["spec"]["samplers"] == ["local-student", "vanilla-sd"]
+    assert [(t["sampler"], t["steps"], t["guidance_scale"]) for t in planned["tasks"]] == [
+        ("vanilla-sd", 30, 7.5), ("local-student", 2, 0.0), ("local-student", 4, 0.0), ("local-student", 8, 0.0)]
