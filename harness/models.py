@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from harness import lora_io
 from harness.errors import HarnessError
 
 SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -192,9 +193,16 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
-    """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it."""
+    """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it.
+
+    A PEFT adapter folder goes through lora_io instead, which load_lora_weights would silently skip.
+    """
+    peft_folder = lora_io.peft_adapter_folder(source.location, source.weight_name) if source.kind == "local" else None
     try:
-        pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
+        if peft_folder is not None:
+            lora_io.load_peft_adapter(pipe, peft_folder)
+        else:
+            pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
     except Exception as error:  # noqa: BLE001
         reason = _first_line(error)
         if source.kind == "hub":
