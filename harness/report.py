@@ -21,9 +21,28 @@ def _ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1000:.1f}"
 
 
+NOISY_STDEV = 0.05  # a stdev above 5% of the median makes a comparison untrustworthy
+
+
+def _baseline(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in records if r.get("baseline") and r["status"] == "ok"), None)
+
+
+def ideal_speedup(record: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """The speedup over the baseline if only the number of UNet evaluations changed.
+
+    Takes the baseline's instrumented call, keeps its text encoding, decoding and other fixed costs,
+    and scales its denoising time by the ratio of UNet evaluations (batch sizes summed).
+    """
+    stages = baseline["stages"]
+    fixed = stages["total_s"] - stages["denoise_s"]
+    ratio = record["unet"]["evaluations"] / baseline["unet"]["evaluations"]
+    return stages["total_s"] / (fixed + stages["denoise_s"] * ratio)
+
+
 def summary_table(records: Sequence[dict[str, Any]]) -> str:
     """The run's timing table in GitHub markdown; few-step rows show their speedup over the baseline."""
-    baseline = next((r for r in records if r.get("baseline") and r["status"] == "ok"), None)
+    baseline = _baseline(records)
     rows = []
     for record in records:
         if record["status"] != "ok":
@@ -31,10 +50,12 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
             continue
         timing = record["timing"]
         per_image = timing["seconds_per_image"]
-        speedup = ""
-        if baseline is not None and not record.get("baseline"):
-            speedup = f"{baseline['timing']['seconds_per_image'] / per_image:.2f}x"
         stats = timing["seconds_per_call"]
+        spread = stats["stdev"] / stats["median"]
+        speedup = ideal = ""
+        if baseline is not None and not record.get("baseline") and baseline["unet"]["evaluations"]:
+            speedup = f"{baseline['timing']['seconds_per_image'] / per_image:.2f}x"
+            ideal = f"{ideal_speedup(record, baseline):.2f}x"
         rows.append([
             record["sampler"],
             record["steps"],
@@ -42,16 +63,32 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
             record["unet"]["evaluations_per_image"],
             _ms(per_image),
             f"{timing['images_per_s']:.2f}",
-            _ms(stats["median"]),
-            _ms(stats["stdev"]),
-            _ms(stats["p90"]),
+            f"{spread:.1%}" + (" !" if spread > NOISY_STDEV else ""),
+            _ms(stats["p90"] / timing["images_per_call"]),
             _ms(timing["first_call_s"]),
             f"{timing['load_s']:.2f}",
             _memory(record["memory"]),
             speedup,
+            ideal,
         ])
-    headers = ["sampler", "steps", "guidance", "UNet evals/image", "ms/image", "images/s", "ms/call (median)",
-               "stdev ms", "p90 ms", "first call ms", "load s", "peak MB", "speedup"]
+    headers = ["sampler", "steps", "guidance", "UNet evals/image", "ms/image", "images/s", "stdev",
+               "p90 ms/image", "first call ms", "load s", "peak MB", "speedup", "ideal speedup"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def stage_table(records: Sequence[dict[str, Any]]) -> str:
+    """Where the time of one instrumented call goes, stage by stage."""
+    rows = []
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        stages = record["stages"]
+        steps = stages["per_step_s"]
+        other = stages["total_s"] - stages["text_encode_s"] - stages["denoise_s"] - stages["decode_s"]
+        rows.append([record["sampler"], record["steps"], _ms(stages["text_encode_s"]), _ms(stages["denoise_s"]),
+                     _ms(sum(steps) / len(steps)) if steps else "", _ms(stages["decode_s"]), _ms(other),
+                     _ms(stages["total_s"])])
+    headers = ["sampler", "steps", "text encode ms", "denoise ms", "ms/step", "VAE decode ms", "other ms", "total ms"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -66,18 +103,28 @@ def summary_markdown(records: Sequence[dict[str, Any]]) -> str:
     first = next((r for r in records if r["status"] == "ok"), records[0])
     config = first["config"]
     env = first.get("environment", {})
+    width, height = first.get("image_size", ("?", "?"))
     lines = [
         "# harness bench",
         "",
         f"- model: `{config['model']}`; device: {env.get('device_name', '')} ({env.get('device', '')}, "
-        f"{env.get('dtype', '')}); images {first.get('image_size', ['?'])[0]}x{first.get('image_size', ['', '?'])[1]}",
+        f"{env.get('dtype', '')}); images {width}x{height}",
         f"- {len(config['prompts'])} prompt(s) x {config['num_images']} image(s) per call; seed {config['seed']}; "
         f"{config['warmup']} warmup call(s), {config['repeats']} measured pass(es)",
-        "- times: median over measured calls, each bracketed by a device synchronize; ms/image = ms/call / images per call",
+        "- ms/image: median call / images per call, each call bracketed by a device synchronize; stdev in % of "
+        "the median; speedup: baseline ms/image / this ms/image; ideal speedup: the baseline's own stage "
+        "times with only the UNet evaluations scaled",
         "",
         summary_table(records),
         "",
     ]
+    if any(r["status"] == "ok" and r["timing"]["seconds_per_call"]["stdev"]
+           > NOISY_STDEV * r["timing"]["seconds_per_call"]["median"] for r in records):
+        lines += ["! stdev above 5% of the median: too noisy to compare; rerun with more --repeats or on a "
+                  "quieter machine.", ""]
+    if any(r["status"] == "ok" for r in records):
+        lines += ["## Stages (one extra instrumented call, synchronized at each stage boundary)", "",
+                  stage_table(records), ""]
     return "\n".join(lines)
 
 
