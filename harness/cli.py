@@ -15,6 +15,7 @@ import click
 from tabulate import tabulate
 
 from harness import __version__, records, report
+from harness.compare import compare_command
 from harness.errors import HarnessError
 from harness.plugins import PLUGIN_DIRS_ENV, get_registry
 from harness.timing import TimingSettings
@@ -348,3 +349,6 @@ def plugins_command(ctx, show_all, as_json):
     else:
         click.echo(tabulate([list(row.values()) for row in rows], headers=["name", "kind", "source", "description"],
                             tablefmt="github"))
+
+
+cli.add_command(compare_command)
