@@ -182,7 +182,8 @@ them on purpose if you like); a warning says when they differ.
 Prints the median seconds/image of each match in A and B, the ratio B/A and the change, then the
 measurements only one run has and the failed ones.
 
-Exit code: 0 when all is well, 1 when a median slowed by more than --fail-above, 2 on bad input.
+Exit code: 0 when all is well; 1 when a median slowed by more than
+--fail-above PCT; 2 on bad input.
 
 \b
 Example (a CI guard):
