@@ -182,8 +182,11 @@ them on purpose if you like); a warning says when they differ.
 Prints the median seconds/image of each match in A and B, the ratio B/A and the change, then the
 measurements only one run has and the failed ones.
 
-Exit code: 0 when all is well; 1 when a median slowed by more than
---fail-above PCT; 2 on bad input.
+\b
+Exit codes:
+  0  no matched median slowed by more than --fail-above (or no --fail-above)
+  1  a matched median slowed by more than --fail-above PCT percent
+  2  bad input: a missing run, no records, or nothing that matches
 
 \b
 Example (a CI guard):
