@@ -18,6 +18,7 @@ from harness import __version__, records, report
 from harness.compare import compare_command
 from harness.errors import HarnessError
 from harness.plugins import PLUGIN_DIRS_ENV, get_registry
+from harness.speed import ATTENTION_CHOICES, SpeedOptions
 from harness.timing import TimingSettings
 
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
@@ -154,7 +155,8 @@ def make_bench_command(registry, name: str = "bench", default_samplers: tuple[st
                      help="Local LoRA folder or .safetensors file; takes precedence over --lora_id."),
         click.Option([*_alias("lora_id"), "lora_id"],
                      help="Hub LoRA id (default: jasperai/flash-sd on SD 1.5, the shipped LoRA on embedded)."),
-        click.Option(["--model"], help="sd15, embedded, a hub id or a diffusers folder "
+        click.Option(["--model"], help="sd15, sd15-arch (random weights, timing only), embedded, a hub id or a "
+                                       "diffusers folder "
                                        "(default: sd15 with CUDA, else embedded)."),
         click.Option(["--dtype"], type=click.Choice(["float16", "bfloat16", "float32", "fp16", "bf16", "fp32"]),
                      help="Default: float16 on CUDA, float32 elsewhere."),
@@ -167,6 +169,18 @@ def make_bench_command(registry, name: str = "bench", default_samplers: tuple[st
                      help="Measured passes over the prompts."),
         click.Option([*_alias("min_time"), "min_time"], type=click.FloatRange(min=0), default=0.0,
                      help="Keep measuring until this many seconds are recorded."),
+        click.Option(["--batch"], type=click.IntRange(min=1),
+                     help="Images per pipeline call (default: all --num_images in one call)."),
+        click.Option(["--compile"], is_flag=True,
+                     help="torch.compile the UNet and VAE decoder (compile time lands in first_call_s)."),
+        click.Option([*_alias("channels_last"), "channels_last"], is_flag=True,
+                     help="Channels-last memory format for the UNet and VAE."),
+        click.Option(["--attention"], type=click.Choice(ATTENTION_CHOICES), default="default", show_default=True,
+                     help="Attention kernel: diffusers' default, torch SDPA, or plain matmul + softmax."),
+        click.Option([*_alias("no_fuse"), "no_fuse"], is_flag=True,
+                     help="Keep the LoRA unfused (to measure what fusing buys)."),
+        click.Option([*_alias("vae_slicing"), "vae_slicing"], is_flag=True, help="Decode a batch one image at a time."),
+        click.Option([*_alias("vae_tiling"), "vae_tiling"], is_flag=True, help="Decode large images tile by tile."),
         click.Option(["--overwrite"], is_flag=True, help="Replace the records of an earlier run in --outdir."),
         click.Option(["--dry-run"], is_flag=True, help="Print the plan as JSON and exit without loading models."),
         click.Option(["--json", "as_json"], is_flag=True, help="Print the records as JSON instead of the table."),
@@ -229,6 +243,9 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
     for side in ("height", "width"):
         if values[side] is not None and values[side] % 8:
             raise HarnessError(f"--{side} {values[side]} is not a multiple of 8; pick e.g. {values[side] // 8 * 8 or 8}.")
+    if values["batch"] is not None and values["num_images"] % values["batch"]:
+        raise HarnessError(f"--num_images {values['num_images']} is not a multiple of --batch {values['batch']}; "
+                           "make it one, so every call has the same size.")
     if values["prompt"] is not None and values["prompts_file"] is not None:
         raise HarnessError("pass either --prompt or --prompts, not both.")
     if values["prompts_file"] is not None:
@@ -253,6 +270,10 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
         lora_path=values["lora_path"], lora_id=values["lora_id"], device=values["device"], dtype=values["dtype"],
         height=values["height"], width=values["width"],
         timing=TimingSettings(values["warmup"], values["repeats"], values["min_time"]),
+        speed=SpeedOptions(compile=values["compile"], channels_last=values["channels_last"],
+                           attention=values["attention"], fuse_lora=not values["no_fuse"],
+                           vae_slicing=values["vae_slicing"], vae_tiling=values["vae_tiling"]),
+        batch=values["batch"],
         sampler_options=plugin_values,
     )
     return spec
@@ -352,3 +373,7 @@ def plugins_command(ctx, show_all, as_json):
 
 
 cli.add_command(compare_command)
+
+from harness.train_cli import train  # noqa: E402 - last, because train_cli uses this module's helpers
+
+cli.add_command(train)

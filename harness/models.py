@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
-from harness import lora_io
+from harness import architectures, lora_io
 from harness.errors import HarnessError
 
 SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The seed's model id; the repository was deleted from the hub in 2024.
 SD15_SEED_ID = "runwayml/stable-diffusion-v1-5"
 FLASH_SD_LORA = "jasperai/flash-sd"
+# Random-weight architectures get a random LoRA of this rank, so fusing and --no-fuse cost what they would.
+GENERATED_LORA = "generated"
+GENERATED_LORA_RANK = 64
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 SD15_PROMPT = "a beautiful landscape with mountains and a lake, sunset, highly detailed"
@@ -42,6 +45,11 @@ class ModelSpec:
     default_lora: str | None  # the few-step LoRA flash-lcm uses when --lora_id/--lora_path are absent
     default_prompt: str
     notice: str | None = None  # one line to show the user about how the name was resolved
+    note: str | None = None  # recorded with every measurement, e.g. "random weights, timing only"
+
+    @property
+    def random_weights(self) -> bool:
+        return self.kind == "architecture"
 
 
 def default_model_name(device: torch.device) -> str:
@@ -57,6 +65,9 @@ def resolve_model(name: str) -> ModelSpec:
         )
     if name == "sd15":
         return ModelSpec(name, SD15_MIRROR, "preset", FLASH_SD_LORA, SD15_PROMPT)
+    if name in architectures.ARCHITECTURES:
+        return ModelSpec(name, str(architectures.ARCHITECTURES[name]), "architecture", GENERATED_LORA, SD15_PROMPT,
+                         note=architectures.RANDOM_WEIGHTS_NOTE)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -77,7 +88,7 @@ def resolve_model(name: str) -> ModelSpec:
         return ModelSpec(name, name, "hub", FLASH_SD_LORA, SD15_PROMPT)
     raise HarnessError(
         f"model '{name}' is not a preset, an existing folder or a hub id; "
-        "use sd15, embedded, owner/name or a path to a diffusers folder."
+        "use sd15, sd15-arch, embedded, owner/name or a path to a diffusers folder."
     )
 
 
@@ -119,6 +130,8 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """Load a Stable Diffusion pipeline from safetensors only; clear one-line errors otherwise."""
     from diffusers import StableDiffusionPipeline
 
+    if spec.kind == "architecture":
+        return architectures.build_pipeline(Path(spec.location), device, dtype)
     try:
         with warnings.catch_warnings():
             # diffusers >= 0.36 renames torch_dtype to dtype; the old name keeps older versions working.
@@ -152,7 +165,7 @@ def _first_line(error: Exception) -> str:
 class LoraSource:
     location: str  # a local folder or a hub id
     weight_name: str | None  # a file inside the folder, when the user named a file
-    kind: str  # "local" or "hub"
+    kind: str  # "local", "hub" or "generated" (random weights for a random-weight architecture)
 
 
 def resolve_lora(lora_path: str | None, lora_id: str | None) -> LoraSource | None:
@@ -176,6 +189,8 @@ def resolve_lora(lora_path: str | None, lora_id: str | None) -> LoraSource | Non
                 "pytorch_lora_weights.safetensors (e.g. checkpoints/RUN/lora/final)."
             )
         return LoraSource(str(path), None, "local")
+    if lora_id == GENERATED_LORA:
+        return LoraSource(GENERATED_LORA, None, "generated")
     if lora_id:
         if Path(lora_id).expanduser().exists():
             return resolve_lora(lora_id, None)
@@ -201,6 +216,11 @@ def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
     try:
         if peft_folder is not None:
             lora_io.load_peft_adapter(pipe, peft_folder)
+        elif source.kind == "generated":
+            from harness.embedded import build_embedded_lora_state
+
+            rank = GENERATED_LORA_RANK
+            pipe.load_lora_weights(build_embedded_lora_state(pipe, rank=rank, alpha=rank))
         else:
             pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
     except Exception as error:  # noqa: BLE001

@@ -16,6 +16,7 @@ from harness import models, records, report, timing
 from harness.errors import HarnessError
 from harness.plugins import Registry
 from harness.sampler import GenerationRequest, Sampler, SamplerConfig
+from harness.speed import SpeedOptions
 
 
 @dataclass
@@ -39,7 +40,13 @@ class BenchSpec:
     height: int | None = None
     width: int | None = None
     timing: timing.TimingSettings = field(default_factory=timing.TimingSettings)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    batch: int | None = None  # images per pipeline call; None: all --num_images in one call
     sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_call(self) -> int:
+        return self.batch or self.num_images
 
     def config_dict(self, seed: int) -> dict[str, Any]:
         config = asdict(self)
@@ -145,7 +152,7 @@ class BenchRun:
     def _run_sampler(self, name: str, tasks: list[Task]) -> None:
         cls = self.registry.sampler(name).cls
         config = SamplerConfig(self.model, self.device, self.dtype, self.spec.lora_path, self.spec.lora_id,
-                               dict(self.spec.sampler_options))
+                               dict(self.spec.sampler_options), self.spec.speed)
         sampler: Sampler = cls(config)
         try:
             _, load_s = timing.timed(sampler.load, self.device)
@@ -169,11 +176,13 @@ class BenchRun:
             sampler.unload()
 
     def _requests(self, task: Task) -> list[GenerationRequest]:
-        n = self.spec.num_images
+        """One request per prompt and batch; image i of prompt p always uses seed + p * num_images + i."""
+        n, batch = self.spec.num_images, self.spec.images_per_call
         return [
             GenerationRequest(prompt, task.steps, task.guidance_scale,
-                              tuple(self.seed + p * n + i for i in range(n)), self.spec.height, self.spec.width)
-            for p, prompt in enumerate(self.spec.prompts)
+                              tuple(self.seed + p * n + i for i in range(start, start + batch)),
+                              self.spec.height, self.spec.width)
+            for p, prompt in enumerate(self.spec.prompts) for start in range(0, n, batch)
         ]
 
     def _measure(self, sampler: Sampler, task: Task, load_s: float, info: dict[str, Any]) -> None:
@@ -190,7 +199,7 @@ class BenchRun:
             records.save_image_atomic(image, self.outdir / name)
 
         stats = measurement.stats
-        per_image = stats.median / self.spec.num_images
+        per_image = stats.median / self.spec.images_per_call
         baselines = [t for t in self.tasks if t.baseline]
         record = {
             "schema": records.SCHEMA,
@@ -208,11 +217,11 @@ class BenchRun:
                 "first_call_s": measurement.first_call_s,
                 "seconds_per_call": stats.as_dict(),
                 "samples_s": measurement.samples,
-                "images_per_call": self.spec.num_images,
+                "images_per_call": self.spec.images_per_call,
                 "seconds_per_image": per_image,
                 "images_per_s": 1.0 / per_image,
             },
-            "unet": _unet_counts(stage_profile, self.spec.num_images),
+            "unet": _unet_counts(stage_profile, self.spec.images_per_call),
             "stages": stage_profile.as_dict(),
             "memory": measurement.memory,
             "deterministic": len(set(digests)) == 1,

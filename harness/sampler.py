@@ -14,6 +14,7 @@ import click
 import torch
 
 from harness import models
+from harness.speed import SpeedOptions, apply_speed_options, describe_speed
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class SamplerConfig:
     lora_path: str | None = None
     lora_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class DiffusersSampler(Sampler):
 
     pipeline = None
     lora_label: str | None = None
+    lora_fused: bool | None = None
 
     def prepare(self, pipe) -> None:
         """Change the freshly loaded pipeline in place (LoRA, scheduler). Default: use it as it is."""
@@ -105,6 +108,7 @@ class DiffusersSampler(Sampler):
     def load(self) -> None:
         pipe = models.load_pipeline(self.config.model, self.config.device, self.config.dtype)
         self.prepare(pipe)
+        apply_speed_options(pipe, self.config.speed)
         self.pipeline = pipe
 
     def generate(self, request: GenerationRequest) -> list:
@@ -130,7 +134,8 @@ class DiffusersSampler(Sampler):
             model=self.config.model.location if self.config.model.kind == "hub" else self.config.model.name,
             scheduler=type(scheduler).__name__ + (f" ({spacing})" if spacing else ""),
             lora=self.lora_label,
-            details={"model_location": self.config.model.location},
+            details={"model_location": self.config.model.location, "model_note": self.config.model.note,
+                     "lora_fused": self.lora_fused, **describe_speed(self.pipeline)},
         )
 
     def components(self) -> dict[str, torch.nn.Module]:
@@ -153,6 +158,7 @@ class FewStepLoraSampler(DiffusersSampler):
         from diffusers import LCMScheduler
 
         source = self.lora_source()
-        models.load_lora(pipe, source)
+        models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
+        self.lora_fused = self.config.speed.fuse_lora
         self.lora_label = source.location if source.weight_name is None else f"{source.location}/{source.weight_name}"
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
