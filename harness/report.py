@@ -129,7 +129,13 @@ def summary_markdown(records: Sequence[dict[str, Any]]) -> str:
 
 
 def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
+    """Write the latency plot and ``summary.md`` (which links the plot)."""
+    from harness.plots import write_latency_plot
+
     text = summary_markdown(records)
+    plot = write_latency_plot(Path(run_dir), records)
+    if plot is not None:
+        text += f"\n![seconds per image against steps]({plot.name})\n"
     write_text_atomic(Path(run_dir) / SUMMARY_FILE, text)
     return text
 

@@ -31,7 +31,7 @@ def test_seed_file_names(compare_run):
         "image_s2_i0_seed42.png", "image_s4_i0_seed42.png", "image_s8_i0_seed42.png",
         "grid_s2_seed42.png", "grid_s4_seed42.png", "grid_s8_seed42.png",
         "compare_baseline30_flash2_seed42.png", "compare_baseline30_flash4_seed42.png",
-        "compare_baseline30_flash8_seed42.png", "records.jsonl", "summary.md", "baseline",
+        "compare_baseline30_flash8_seed42.png", "records.jsonl", "summary.md", "latency.png", "baseline",
     }
     assert {p.name for p in outdir.iterdir()} == expected
     assert {p.name for p in (outdir / "baseline").iterdir()} == {
@@ -111,6 +111,7 @@ def test_summary_table_is_written_and_printed(compare_run):
         measured, ideal = (float(cell.strip().rstrip("x")) for cell in line.strip(" |").split("|")[-2:])
         assert measured > 1 and ideal > 1
     assert "text encode ms" in summary.split("## Stages")[1]
+    assert "](latency.png)" in summary
     assert "| flash-lcm" in output
 
 
@@ -123,7 +124,7 @@ def test_comparison_grid_has_baseline_and_few_step_rows(compare_run):
 
 def test_report_rebuilds_summary_and_grids_from_records(compare_run):
     outdir, _ = compare_run
-    generated = ["summary.md", "grid_s4_seed42.png", "compare_baseline30_flash4_seed42.png",
+    generated = ["summary.md", "latency.png", "grid_s4_seed42.png", "compare_baseline30_flash4_seed42.png",
                  "baseline/grid_baseline_s30_seed42.png"]
     before = {name: (outdir / name).read_bytes() for name in generated}
     for name in generated:
