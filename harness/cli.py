@@ -302,6 +302,7 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
     with click.progressbar(length=len(run.tasks), label="bench", file=sys.stderr,
                            hidden=values["quiet"], show_pos=True, item_show_func=lambda item: item) as bar:
         run.on_progress = lambda task: bar.update(1, f"{task.sampler} {task.steps} steps")
+        run.on_warning = lambda warning: click.echo(f"\nWarning: {warning}", err=True)
         try:
             run.run()
         except KeyboardInterrupt:

@@ -122,6 +122,7 @@ class BenchRun:
         self.spec = spec
         self.registry = registry
         self.on_progress = on_progress
+        self.on_warning: Callable[[str], None] = lambda _: None
         self.device = models.resolve_device(spec.device)
         self.dtype = models.resolve_dtype(spec.dtype, self.device)
         self.model = models.resolve_model(spec.model)
@@ -187,6 +188,9 @@ class BenchRun:
 
     def _measure(self, sampler: Sampler, task: Task, load_s: float, info: dict[str, Any]) -> None:
         requests = self._requests(task)
+        warnings = list(dict.fromkeys(w for request in requests for w in sampler.check(request)))
+        for warning in warnings:
+            self.on_warning(warning)
         calls = [partial(sampler.generate, request) for request in requests]
         measurement = timing.measure(calls, self.device, self.spec.timing)
         stage_profile = timing.profile(calls[0], sampler.components(), self.device)
@@ -226,6 +230,7 @@ class BenchRun:
             "memory": measurement.memory,
             "deterministic": len(set(digests)) == 1,
             "image_size": list(images[0].size),
+            "warnings": warnings,
             "images": names,
             "grid": file_names(task, 0, seed_in_names)[1],
             "comparisons": [] if task.baseline else [

@@ -7,6 +7,7 @@ identically for every sampler.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ import click
 import torch
 
 from harness import models
+from harness.errors import HarnessError
 from harness.speed import SpeedOptions, apply_speed_options, describe_speed
 
 
@@ -87,6 +89,10 @@ class Sampler:
     def describe(self) -> SamplerInfo:
         raise NotImplementedError
 
+    def check(self, request: GenerationRequest) -> list[str]:
+        """Raise HarnessError if ``request`` cannot run; return warnings worth showing the user."""
+        return []
+
     def components(self) -> dict[str, torch.nn.Module]:
         """Modules named ``text_encoder``, ``denoiser`` and ``decoder``, where the sampler has them."""
         return {}
@@ -126,6 +132,24 @@ class DiffusersSampler(Sampler):
             "height": request.height,
             "width": request.width,
         }
+
+    def check(self, request: GenerationRequest) -> list[str]:
+        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        name, limit = type(scheduler).__name__, scheduler.config.num_train_timesteps
+        try:
+            if request.steps > limit:
+                raise ValueError(f"the model was trained on {limit} timesteps")
+            scheduler.set_timesteps(request.steps)
+        except ValueError as error:
+            reason = str(error).split(". ")[0]
+            raise HarnessError(f"{request.steps} steps is more than {name} can run ({reason}); "
+                               "pass fewer --steps.") from None
+        tokenizer = self.pipeline.tokenizer
+        tokens = len(tokenizer(request.prompt).input_ids)
+        if tokens > tokenizer.model_max_length:
+            return [f"the prompt '{request.prompt[:40]}...' is {tokens} tokens long; the text encoder reads the "
+                    f"first {tokenizer.model_max_length}, the rest is cut off."]
+        return []
 
     def describe(self) -> SamplerInfo:
         scheduler = self.pipeline.scheduler

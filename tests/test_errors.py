@@ -1,0 +1,153 @@
+"""Bad input and failing plugins: one clear line each, the rest of the run goes on, nothing is lost."""
+
+import json
+
+import pytest
+
+from harness.records import read_records
+from tests.conftest import invoke
+
+FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
+
+FAILING_PLUGINS = '''
+import torch
+from PIL import Image
+
+import harness
+from harness.sampler import Sampler, SamplerInfo
+
+
+class Explodes(Sampler):
+    name = "explodes"
+    description = "raises while generating"
+
+    def load(self):
+        pass
+
+    def describe(self):
+        return SamplerInfo(model="none", scheduler="none")
+
+    def generate(self, request):
+        raise RuntimeError("boom at step 1\\nsecond line of a long traceback")
+
+
+class OutOfMemory(Explodes):
+    name = "oom"
+
+    def generate(self, request):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class BrokenLoad(Explodes):
+    name = "broken-load"
+
+    def load(self):
+        raise ValueError("weights missing")
+
+
+@harness.hookimpl
+def register_samplers(register):
+    for cls in (Explodes, OutOfMemory, BrokenLoad):
+        register(cls)
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "failing.py").write_text(FAILING_PLUGINS)
+    return folder
+
+
+def test_failing_samplers_are_recorded_and_the_others_still_run(tmp_path, plugin_dir, embedded_model):
+    outdir = tmp_path / "run"
+    result = invoke("--plugin-dir", plugin_dir, "bench", "--sampler", "explodes", "oom", "broken-load", "flash-lcm",
+                    "--steps", "2", "--outdir", outdir, *FAST)
+    assert result.exit_code == 1
+    records = {r["sampler"]: r for r in read_records(outdir)}
+    assert records["flash-lcm"]["status"] == "ok"
+    assert records["explodes"] == {**records["explodes"], "status": "failed",
+                                   "error": "RuntimeError: boom at step 1"}
+    assert records["oom"]["error"] == "CUDA out of memory: reduce --num_images to 1 and close other GPU applications."
+    assert records["broken-load"]["error"] == "ValueError: weights missing"
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: explodes (2 steps): RuntimeError: boom at step 1",
+        "Error: oom (2 steps): CUDA out of memory: reduce --num_images to 1 and close other GPU applications.",
+        "Error: broken-load: ValueError: weights missing",
+    ]
+    summary = (outdir / "summary.md").read_text()
+    assert "failed: RuntimeError: boom at step 1" in summary and "| flash-lcm" in summary
+
+
+def test_steps_beyond_the_scheduler_fail_that_measurement_only(tmp_path, embedded_model):
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--steps", "2", "51", "--outdir", outdir, *FAST)
+    assert result.exit_code == 1
+    ok, failed = read_records(outdir)
+    assert ok["status"] == "ok" and failed["status"] == "failed"
+    assert failed["error"].startswith("51 steps is more than LCMScheduler can run")
+    assert failed["error"].endswith("pass fewer --steps.")
+
+    result = invoke("bench", "--sampler", "vanilla-sd", "--baseline_steps", "1001", "--outdir", tmp_path / "b", *FAST)
+    assert "1001 steps is more than PNDMScheduler can run (the model was trained on 1000 timesteps)" in result.output
+
+
+def test_long_prompt_is_a_warning_not_an_error(tmp_path, embedded_model):
+    outdir = tmp_path / "run"
+    prompt = " ".join(["a red circle"] * 30)
+    result = invoke("bench", "--steps", "2", "--prompt", prompt, "--outdir", outdir, "--json", *FAST)
+    assert result.exit_code == 0
+    [record] = read_records(outdir)
+    assert record["status"] == "ok"
+    [warning] = record["warnings"]
+    assert "92 tokens long; the text encoder reads the first 77" in warning
+
+
+def test_prompt_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe\x00a red circle")
+    result = invoke("bench", "--dry-run", "--prompts", bad)
+    assert result.exit_code == 2
+    assert f"cannot read prompt file '{bad}': UnicodeDecodeError; pass a UTF-8 text file." in result.output
+
+
+def test_jsonl_prompt_file_without_prompt_field(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
+    result = invoke("bench", "--dry-run", "--prompts", bad)
+    assert result.exit_code == 2
+    assert "line 2 is not a JSON object with a 'prompt' field" in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_lora_file_is_one_line(tmp_path, embedded_model, damage):
+    from harness.embedded import ensure_embedded_lora
+
+    original = (ensure_embedded_lora() / "pytorch_lora_weights.safetensors").read_bytes()
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    data = original[: len(original) // 2] if damage == "truncated" else b"not a safetensors file at all"
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(data)
+    result = invoke("bench", "--lora_path", lora, "--steps", "2", "--outdir", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert f"cannot load LoRA from '{lora}'" in error and "saved in safetensors" in error
+
+
+def test_lora_for_another_architecture_is_one_line(tmp_path, embedded_model):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    # SD 1.5-shaped LoRA weights (320 channels) for a model whose first attention has 64.
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4)},
+              lora / "pytorch_lora_weights.safetensors")
+    result = invoke("bench", "--lora_path", lora, "--steps", "2", "--outdir", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert f"cannot load LoRA from '{lora}'" in error and "for this base model" in error
+    assert "Traceback" not in result.output
