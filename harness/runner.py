@@ -3,6 +3,7 @@ and its images, grids and records are written as soon as that measurement ends."
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,10 @@ from harness.errors import HarnessError
 from harness.plugins import Registry
 from harness.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.speed import SpeedOptions
+
+
+# Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 @dataclass
@@ -146,8 +151,18 @@ class BenchRun:
         try:
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
+        except OSError as error:
+            if error.errno not in DISK_ERRORS:
+                raise
+            raise HarnessError(
+                f"cannot write results to '{self.outdir}': {error.strerror}; free some space or pass --outdir on "
+                f"another disk. The {len(self.records)} finished measurement(s) are in {self.records_path}."
+            ) from None
         finally:
-            report.write_summary(self.outdir, self.records)
+            try:
+                report.write_summary(self.outdir, self.records)
+            except OSError:
+                pass  # the records are the source of truth: `harness report` rebuilds the summary from them
         return self.records
 
     def _run_sampler(self, name: str, tasks: list[Task]) -> None:
@@ -170,6 +185,10 @@ class BenchRun:
                     self._measure(sampler, task, load_s, info)
                 except torch.cuda.OutOfMemoryError:
                     self._fail(task, "CUDA out of memory: reduce --num_images to 1 and close other GPU applications.")
+                except OSError as error:
+                    if error.errno in DISK_ERRORS:
+                        raise  # nothing more can be written: stop the run
+                    self._fail(task, _message(error))
                 except Exception as error:  # noqa: BLE001
                     self._fail(task, _message(error))
                 self.on_progress(task)

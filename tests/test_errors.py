@@ -151,3 +151,29 @@ def test_lora_for_another_architecture_is_one_line(tmp_path, embedded_model):
     [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert f"cannot load LoRA from '{lora}'" in error and "for this base model" in error
     assert "Traceback" not in result.output
+
+
+def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_path, monkeypatch, embedded_model):
+    import errno
+
+    from harness import records
+
+    real_save = records.save_image_atomic
+    saved = []
+
+    def save_until_full(image, path):
+        if len(saved) >= 1:  # the disk fills up during the second measurement
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        real_save(image, path)
+
+    monkeypatch.setattr(records, "save_image_atomic", save_until_full)
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--steps", "2", "4", "8", "--outdir", outdir, *FAST)
+    assert result.exit_code == 2
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert error == (f"Error: cannot write results to '{outdir}': No space left on device; free some space or pass "
+                     f"--outdir on another disk. The 1 finished measurement(s) are in {outdir / 'records.jsonl'}.")
+    [record] = read_records(outdir)
+    assert record["steps"] == 2 and record["status"] == "ok"
+    assert not [p for p in outdir.iterdir() if p.name.startswith(".")]
