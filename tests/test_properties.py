@@ -1,0 +1,68 @@
+"""Property-based tests: whatever a user types or feeds in, harness accepts it or says why in one line."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.cli import expand_multi_value, read_prompts
+from harness.errors import HarnessError
+from tests.conftest import invoke
+
+QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@QUICK
+@given(st.lists(st.integers(min_value=1, max_value=1000), min_size=1, max_size=8))
+def test_any_list_of_steps_after_one_flag_is_planned_in_order(steps):
+    result = invoke("bench", "--dry-run", "--steps", *map(str, steps))
+    assert result.exit_code == 0, result.output
+    planned = [task["steps"] for task in json.loads(result.output)["tasks"]]
+    assert planned == list(dict.fromkeys(steps))
+
+
+@QUICK
+@given(st.lists(st.text(min_size=1, max_size=12), max_size=8))
+def test_multi_value_expansion_never_loses_or_invents_values(args):
+    expanded = expand_multi_value(args, {"--steps"})
+    assert [a for a in expanded if a != "--steps"] == [a for a in args if a != "--steps"]
+
+
+@QUICK
+@given(st.lists(st.text(max_size=10), max_size=6))
+def test_arbitrary_arguments_never_crash_bench(args):
+    result = invoke("bench", "--dry-run", *args)
+    assert result.exit_code in (0, 2), result.output
+    if result.exit_code == 2:
+        assert "Error" in result.output and "Traceback" not in result.output
+
+
+@QUICK
+@given(st.text(max_size=300))
+def test_any_prompt_text_is_accepted_or_refused_clearly(prompt):
+    result = invoke("bench", "--dry-run", "--prompt", prompt)
+    if prompt.strip():
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["spec"]["prompts"] == [prompt]
+    else:
+        assert result.exit_code == 2 and "--prompt is empty" in result.output
+
+
+@QUICK
+@given(st.binary(max_size=2000))
+def test_any_prompt_file_gives_prompts_or_a_clear_error(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_bytes(content)
+    try:
+        prompts = read_prompts(str(path))
+    except HarnessError as error:
+        assert str(error).startswith(("prompt file", "cannot read prompt file"))
+        assert "\n" not in str(error)
+    else:
+        assert prompts and all(p == p.strip() and p for p in prompts)
+
+
+def test_huge_prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle on a blue background\n" * 200_000, encoding="utf-8")
+    assert len(read_prompts(str(path))) == 200_000
