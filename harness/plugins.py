@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.flash_lcm",
     "harness_plugins.vanilla_sd",
     "harness_plugins.local_student",
+    "harness_plugins.distill",
 )
 
 

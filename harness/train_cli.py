@@ -1,0 +1,122 @@
+"""``harness train --plugin NAME [OPTIONS]``: run a trainer plugin with options made from its typed config.
+
+A trainer's options depend on ``--plugin``, so ``train`` reads ``--plugin`` first and hands every other
+argument to a command generated from the trainer's config dataclass; ``harness train --plugin NAME --help``
+lists that trainer's options. ``accelerate launch -m harness train ...`` runs the same command in every
+process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from harness.errors import HarnessError
+from harness.plugins import get_registry
+from harness.training.config import field_specs
+from harness.training.trainer import StepReport
+
+TRAIN_HELP = """Train a model with a trainer plugin: harness train --plugin NAME [OPTIONS].
+
+`harness train --plugin NAME --help` lists the trainer's own options.
+
+Example: harness train --plugin distill --dataset_name lambdalabs/naruto-blip-captions --max_steps 1000"""
+
+
+@click.command("train", help=TRAIN_HELP, add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--plugin", "plugin_name", metavar="NAME", help="The trainer to run.")
+@click.pass_context
+def train(ctx: click.Context, plugin_name: str | None) -> None:
+    plugin_dirs = ctx.parent.params.get("plugin_dir") if ctx.parent is not None else ()
+    registry = get_registry(plugin_dirs or ())
+    known = ", ".join(sorted(registry.trainers)) or "none"
+    if plugin_name is None:
+        if "--help" in ctx.args:
+            click.echo(ctx.get_help())
+            click.echo(f"\nInstalled trainers: {known}.")
+            return
+        raise HarnessError(f"pass --plugin NAME to choose a trainer; installed trainers: {known}.")
+    entry = registry.trainer(plugin_name)
+    command = make_trainer_command(entry, registry.pm)
+    with command.make_context(f"--plugin {plugin_name}", list(ctx.args), parent=ctx) as trainer_ctx:
+        command.invoke(trainer_ctx)
+
+
+def make_trainer_command(entry, plugin_manager) -> click.Command:
+    """A click command with one option per field of the trainer's config class."""
+    # Imported here: harness.cli imports this module to register `train`.
+    from harness.cli import MultiValueCommand, _alias
+
+    config_class = entry.cls.config_class
+    params, multi_value_flags = [], []
+    for field, kind, many in field_specs(config_class):
+        metadata = field.metadata
+        flags = [*_alias(field.name), *(flag for alias in metadata.get("aliases", ()) for flag in _alias(alias))]
+        shown_default = not (field.default is None or field.default is False or field.default == ())
+        params.append(click.Option(
+            [*flags, field.name], type=_click_type(kind, metadata), multiple=many, is_flag=kind is bool,
+            default=field.default, show_default=shown_default, help=metadata.get("help", ""),
+        ))
+        if many:
+            multi_value_flags += flags
+
+    def callback(**values: Any) -> None:
+        run_trainer(entry.cls, config_class(**values), plugin_manager)
+
+    return MultiValueCommand(entry.name, params=params, callback=callback, multi_value=tuple(multi_value_flags),
+                             help=f"{entry.description}\n\nTrainer '{entry.name}' from {entry.source}.")
+
+
+def _click_type(kind: type, metadata) -> Any:
+    if metadata.get("choices"):
+        return click.Choice(metadata["choices"])
+    minimum = metadata.get("minimum")
+    if kind is int:
+        return click.IntRange(min=minimum) if minimum is not None else int
+    if kind is float:
+        return click.FloatRange(min=minimum) if minimum is not None else float
+    return kind
+
+
+def run_trainer(trainer_class, config, plugin_manager) -> None:
+    progress = ProgressBar()
+    trainer = trainer_class(config, plugin_manager=plugin_manager, on_step=progress.update,
+                            notify=lambda message: click.echo(message, err=True))
+    try:
+        final = trainer.train()
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("interrupted; continue from the newest checkpoint with --resume_from_checkpoint latest.", err=True)
+        sys.exit(130)
+    progress.close()
+    if trainer.is_main:
+        click.echo(f"final weights: {final}")
+        click.echo(f"benchmark them: harness bench --sampler local-student --lora_path {final}", err=True)
+
+
+class ProgressBar:
+    """Steps, loss, learning rate and steps/s; made at the first step report, which only the main process sends."""
+
+    def __init__(self):
+        self.bar = None
+        self.started: tuple[int, float] | None = None
+
+    def update(self, report: StepReport) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=report.max_steps, label="train", file=sys.stderr, show_pos=True,
+                                         item_show_func=lambda text: text)
+            self.bar.__enter__()
+            self.bar.update(report.step - 1)
+            self.started = (report.step, time.perf_counter())
+        first_step, first_time = self.started
+        elapsed = time.perf_counter() - first_time
+        rate = f" | {(report.step - first_step) / elapsed:.2f} steps/s" if report.step > first_step else ""
+        self.bar.update(1, f"loss {report.loss:.4g} | lr {report.lr:.3g}{rate}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)

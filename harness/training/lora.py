@@ -1,0 +1,96 @@
+"""A LoRA on the UNet as the trained student, saved as a diffusers LoRA that ``local-student`` samples.
+
+Shared by the few-step trainers (distillation now, consistency distillation next): the student is the
+base UNet plus a LoRA, sampled like ``local-student`` (LCMScheduler, trailing timesteps, guidance 0); the
+base model is the same UNet with the LoRA switched off, so a teacher costs no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from harness import lora_io, models
+from harness.errors import HarnessError
+from harness.training.config import TrainConfig, setting
+from harness.training.diffusion import CLEAN, LatentDiffusionTrainer
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoraTrainConfig(TrainConfig):
+    """Settings of a UNet LoRA student."""
+
+    lora_rank: int = setting(4, "LoRA rank.", minimum=1)
+    lora_alpha: int = setting(32, "LoRA alpha; the LoRA acts at scale alpha / rank.", minimum=1)
+    lora_target_modules: tuple[str, ...] = setting(
+        DEFAULT_TARGET_MODULES, "UNet modules that get a LoRA (several after one flag; default: attention projections).")
+    lora_path: Optional[str] = setting(
+        None, "Start the student from this LoRA (folder or .safetensors, diffusers or PEFT format); "
+              "its rank, alpha and target modules replace --lora_rank, --lora_alpha, --lora_target_modules.")
+
+
+class LoraTrainer(LatentDiffusionTrainer):
+    """Trains a LoRA on the UNet; checkpoints and final/ hold ``pytorch_lora_weights.safetensors``."""
+
+    config_class = LoraTrainConfig
+    weights_folder = "lora"
+
+    def setup(self) -> torch.nn.Module:
+        pipe = self.load_pipeline()
+        unet = pipe.unet
+        if self.config.lora_path:
+            models.load_lora(pipe, models.resolve_lora(self.config.lora_path, None), fuse=False)
+            (self.adapter_name,) = unet.peft_config
+            for name, parameter in unet.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        else:
+            from peft import LoraConfig
+
+            self.adapter_name = "default"
+            # Gaussian A and zero B: the student starts exactly at the base model.
+            config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
+                                init_lora_weights="gaussian", target_modules=list(self.config.lora_target_modules))
+            try:
+                unet.add_adapter(config, adapter_name=self.adapter_name)
+            except ValueError as error:
+                raise HarnessError(f"--lora_target_modules {' '.join(self.config.lora_target_modules)}: {error}") from None
+        unet.train()
+        return unet
+
+    def save_weights(self, folder: Path) -> None:
+        lora_io.save_diffusers_lora(self.unwrapped_model, folder, self.adapter_name)
+
+    def resolved_settings(self) -> dict:
+        lora = lora_io.adapter_metadata(self.pipe.unet.peft_config[self.adapter_name].to_dict())
+        return {**super().resolved_settings(), "lora": lora}
+
+    @contextmanager
+    def base_model(self) -> Iterator[torch.nn.Module]:
+        """The UNet with its LoRA switched off (the frozen base model), for passes without gradients."""
+        unet = self.unwrapped_model
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+
+    def student_scheduler(self):
+        """The scheduler local-student samples the LoRA with: LCMScheduler, trailing timesteps."""
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(self.scheduler_config, timestep_spacing="trailing")
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        """The timesteps a ``steps``-step student visits, then CLEAN."""
+        scheduler = self.student_scheduler()
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError as error:
+            raise HarnessError(f"a {steps}-step student schedule: {error}") from None
+        return [int(t) for t in scheduler.timesteps] + [CLEAN]

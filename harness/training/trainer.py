@@ -1,0 +1,367 @@
+"""The training loop every trainer plugin shares.
+
+A trainer plugin subclasses :class:`Trainer` (for a LoRA student, through ``harness.training.LoraTrainer``)
+and supplies four things:
+
+- ``setup()``: load the models and return the module whose ``requires_grad`` parameters train;
+- ``compute_loss(batch, generator)``: the loss of one micro-batch, drawing all randomness from ``generator``;
+- ``save_weights(folder)``: the inference artifact written into every checkpoint and into ``final/``;
+- optionally ``prepare_data(dataset)``, ``validation_rows(prompts, seed)`` and ``resolved_settings()``.
+
+The base class owns everything else, once for all trainers: accelerate (devices, processes, mixed precision,
+gradient accumulation), the data order, AdamW and the learning-rate schedule, gradient clipping, atomic
+and resumable checkpoints, ``train_log.jsonl``, ``config.json`` and validation grids. Only the main process
+writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import torch
+from PIL import Image
+
+from harness import records, report
+from harness.errors import HarnessError
+from harness.training import checkpoints
+from harness.training.checkpoints import TrainingState
+from harness.training.config import TrainConfig
+from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_examples
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "train_log.jsonl"
+VALIDATION_FOLDER = "validation"
+
+
+@dataclass
+class StepReport:
+    """What one finished optimizer step reports (to ``train_log.jsonl`` and the progress bar)."""
+
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    seconds: float  # training time since the run began, across resumes
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "loss": self.loss, "lr": self.lr, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint stores it and a resumed run starts from it."""
+
+    step: int = 0
+    samples_seen: int = 0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Base class of trainer plugins; see the module docstring for what a subclass supplies."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    #: Subfolder of the run that holds checkpoint-N and final/.
+    weights_folder: ClassVar[str] = "checkpoints"
+
+    def __init__(self, config: TrainConfig, plugin_manager=None,
+                 on_step: Callable[[StepReport], None] | None = None,
+                 notify: Callable[[str], None] | None = None):
+        config.check()
+        self.config = config
+        self.plugin_manager = plugin_manager
+        self.on_step = on_step or (lambda report: None)
+        self._notify = notify or (lambda message: print(message, file=sys.stderr))
+        self.resolution = config.resolution  # setup() fills it in when the model decides it
+
+    # ----- what a trainer supplies -----
+
+    def setup(self) -> torch.nn.Module:
+        """Load models onto ``self.device`` in ``self.weight_dtype``; return the module to train."""
+        raise NotImplementedError
+
+    def prepare_data(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """Change the training data once before the loop (e.g. pre-encode it). Default: as it is."""
+        return dataset
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The scalar loss of one micro-batch; call ``self.model`` for every forward that needs gradients."""
+        raise NotImplementedError
+
+    def save_weights(self, folder: Path) -> None:
+        """Write what inference loads (e.g. ``pytorch_lora_weights.safetensors``) into ``folder``."""
+        raise NotImplementedError
+
+    def validation_rows(self, prompts: Sequence[str], seed: int) -> list[tuple[str, list[Image.Image]]]:
+        """Labelled rows of images (one per prompt) for a validation grid. Default: none."""
+        return []
+
+    def resolved_settings(self) -> dict:
+        """Settings the trainer decided at setup, recorded in config.json."""
+        return {}
+
+    # ----- what the base class provides -----
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir).expanduser() / self.config.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / self.weights_folder
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The trained module without accelerate's wrappers: for passes that must not sync gradients."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def notify(self, message: str) -> None:
+        if self.is_main:
+            self._notify(message)
+
+    def train(self) -> Path:
+        """Run (or resume) training to ``max_steps``; return the ``final/`` folder."""
+        config = self.config
+        examples = find_examples(config.dataset_name, config.data_dir, config.image_column,
+                                 config.caption_column, config.max_train_samples)
+        self.accelerator = self._make_accelerator()
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32)
+        resume_folder = self._resume_folder()
+        resumed = TrainingState.load(resume_folder) if resume_folder else None
+        self.seed = self._shared_seed(resumed)
+
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+
+        set_seed(self.seed)  # the same initial weights in every process
+        module = self.setup()
+        if self.resolution is None:
+            raise HarnessError(f"trainer '{self.name}' needs --resolution.")
+        # Trainable weights stay in fp32 under mixed precision: fp16 Adam updates underflow.
+        cast_training_params(module, torch.float32)
+        trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise HarnessError(f"trainer '{self.name}' left nothing to train (no parameter requires grad).")
+        dataset = self.prepare_data(ImageCaptionDataset(examples, self.resolution))
+        optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate)
+        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                     num_training_steps=config.max_steps)
+        self.model, optimizer = self.accelerator.prepare(module, optimizer)
+        rank = self.accelerator.process_index
+        generator = torch.Generator(self.device).manual_seed(self.seed + 1_000_003 * rank)
+        progress = Progress()
+        if resumed is not None:
+            self._restore(resumed, resume_folder, trainable, optimizer, lr_scheduler, generator, progress)
+        self._write_config(examples, resume_folder, progress)
+
+        sampler = StreamBatchSampler(len(dataset), config.batch_size, self.seed, progress.samples_seen,
+                                     rank, self.accelerator.num_processes)
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
+        started = time.perf_counter() - progress.seconds
+        for step in range(progress.step + 1, config.max_steps + 1):
+            losses = []
+            for _ in range(config.gradient_accumulation_steps):
+                batch = {key: value.to(self.device) if torch.is_tensor(value) else value
+                         for key, value in next(batches).items()}
+                # accumulate() skips the gradient all-reduce and optimizer.step() until the last micro-batch.
+                with self.accelerator.accumulate(self.model):
+                    with self.accelerator.autocast():
+                        loss = self.compute_loss(batch, generator)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and config.max_grad_norm > 0:
+                        self.accelerator.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().float())
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            progress.step = step
+            progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
+            progress.seconds = time.perf_counter() - started
+            mean_loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+            self._report(StepReport(step, config.max_steps, mean_loss, lr, progress.seconds))
+            if step % config.checkpointing_steps == 0:
+                self._save_checkpoint(trainable, optimizer, lr_scheduler, generator, progress)
+            if config.validation_prompts and (step % config.validation_every == 0 or step == config.max_steps):
+                self._validate(step)
+
+        if self.is_main:
+            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+        self.accelerator.wait_for_everyone()
+        return self.checkpoint_dir / checkpoints.FINAL
+
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import parse_flag_from_env
+
+        on_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+        requested = self.config.mixed_precision or ("no" if on_cpu else "fp16")
+        accelerator = Accelerator(mixed_precision="no" if on_cpu else requested, cpu=on_cpu,
+                                  gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+        if on_cpu and requested != "no" and accelerator.is_main_process:
+            self._notify(f"--mixed_precision {requested} needs CUDA; training in full precision on the CPU.")
+        return accelerator
+
+    def _resume_folder(self) -> Path | None:
+        """The checkpoint to resume from; refuses to mix a new run into an earlier run's folder."""
+        request = self.config.resume_from_checkpoint
+        if request == "latest":
+            found = checkpoints.latest_checkpoint(self.checkpoint_dir)
+            if found is not None:
+                return found
+            self.notify(f"no checkpoint in '{self.checkpoint_dir}' yet; starting a new run.")
+        elif request is not None:
+            folder = Path(request).expanduser()
+            if not folder.is_dir():
+                raise HarnessError(f"--resume_from_checkpoint '{folder}' is not a folder; pass a checkpoint-N "
+                                   "folder or 'latest'.")
+            return folder
+        if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()):
+            if not self.config.overwrite:
+                raise HarnessError(
+                    f"'{self.checkpoint_dir}' already holds an earlier run; pass --resume_from_checkpoint latest "
+                    "to continue it, --overwrite to replace it, or another --run_name."
+                )
+            if self.is_main:
+                shutil.rmtree(self.checkpoint_dir)
+                shutil.rmtree(self.run_dir / VALIDATION_FOLDER, ignore_errors=True)
+                (self.run_dir / LOG_FILE).unlink(missing_ok=True)
+            self.accelerator.wait_for_everyone()
+        return None
+
+    def _shared_seed(self, resumed: TrainingState | None) -> int:
+        if resumed is not None:
+            seed = resumed.info["seed"]
+            if self.config.seed not in (None, seed):
+                raise HarnessError(f"the checkpoint was trained with --seed {seed}; resume with that seed "
+                                   "(or without --seed).")
+            return seed
+        if self.config.seed is not None:
+            return self.config.seed
+        from accelerate.utils import broadcast_object_list
+
+        # Every process must draw the same data order: the main process picks the seed.
+        return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+
+    def _report(self, report: StepReport) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps(report.as_dict()) + "\n")
+        self.on_step(report)
+
+    def _save_checkpoint(self, trainable, optimizer, lr_scheduler, generator, progress: Progress) -> None:
+        from accelerate.utils import gather_object
+
+        rng_by_rank = gather_object([checkpoints.capture_rng(generator)])  # every process takes part
+        if self.is_main:
+            state = TrainingState()
+            state.tensors.update({f"param.{name}": p for name, p in trainable.items()})
+            optimizer_tensors, optimizer_info = checkpoints.flatten_optimizer(optimizer.state_dict())
+            state.tensors.update({f"optimizer.{name}": t for name, t in optimizer_tensors.items()})
+            rng_info = {}
+            for rank, rng in enumerate(rng_by_rank):
+                rng_tensors, rng_info[str(rank)] = checkpoints.rng_to_state(rank, rng)
+                state.tensors.update({f"rng.{name}": t for name, t in rng_tensors.items()})
+            scaler = self.accelerator.scaler
+            state.info = {
+                "step": progress.step, "samples_seen": progress.samples_seen, "seconds": progress.seconds,
+                "seed": self.seed, "world_size": self.accelerator.num_processes, "trainer": self.name,
+                "optimizer": optimizer_info, "lr_scheduler": lr_scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_info,
+            }
+
+            def write(folder: Path) -> None:
+                self.save_weights(folder)
+                state.save(folder)
+
+            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
+            if self.config.checkpoints_total_limit is not None:
+                checkpoints.prune(self.checkpoint_dir, self.config.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, state: TrainingState, folder: Path, trainable, optimizer, lr_scheduler, generator,
+                 progress: Progress) -> None:
+        info = state.info
+        saved = state.with_prefix("param.")
+        mismatched = {name for name, p in trainable.items() if name not in saved or saved[name].shape != p.shape}
+        if mismatched or len(saved) != len(trainable):
+            raise HarnessError(f"checkpoint '{folder}' holds other trainable weights than this run has "
+                               f"(e.g. '{sorted(mismatched or set(saved) - set(trainable))[0]}'); resume with "
+                               "the settings it was trained with (--lora_rank, --lora_target_modules, --model).")
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(saved[name])
+        optimizer.load_state_dict(checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
+        lr_scheduler.load_state_dict(info["lr_scheduler"])
+        if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+        rank = str(self.accelerator.process_index)
+        if rank in info["rng"]:
+            checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], generator)
+        if info["world_size"] != self.accelerator.num_processes:
+            self.notify(f"the checkpoint was written by {info['world_size']} process(es), this run has "
+                        f"{self.accelerator.num_processes}: training continues, but not exactly as the "
+                        "uninterrupted run would have.")
+        progress.step, progress.samples_seen, progress.seconds = info["step"], info["samples_seen"], info["seconds"]
+        self.notify(f"resuming from '{folder}' at step {progress.step}.")
+
+    def _write_config(self, examples, resume_folder: Path | None, progress: Progress) -> None:
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        processes = self.accelerator.num_processes
+        document = {
+            "trainer": self.name,
+            "config": self.config.to_dict(),
+            "resolved": {
+                "seed": self.seed,
+                "resolution": self.resolution,
+                "mixed_precision": self.accelerator.mixed_precision,
+                "world_size": processes,
+                "effective_batch_size": self.config.batch_size * self.config.gradient_accumulation_steps * processes,
+                "data": examples.source,
+                "examples": len(examples),
+                "resumed_from": str(resume_folder) if resume_folder else None,
+                **self.resolved_settings(),
+            },
+            "environment": records.environment(self.device, self.weight_dtype, self._plugin_manager()),
+        }
+        records.write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(document, indent=2, default=str) + "\n")
+        log = self.run_dir / LOG_FILE
+        if resume_folder is not None and log.is_file():
+            # Steps logged after the checkpoint was written are about to be trained again.
+            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= progress.step]
+            records.write_text_atomic(log, "".join(line + "\n" for line in kept))
+
+    def _plugin_manager(self):
+        if self.plugin_manager is None:
+            from harness.plugins import get_registry
+
+            self.plugin_manager = get_registry().pm
+        return self.plugin_manager
+
+    def _validate(self, step: int) -> None:
+        if self.is_main:
+            rows = self.validation_rows(list(self.config.validation_prompts), self.seed)
+            if rows:
+                folder = self.run_dir / VALIDATION_FOLDER
+                folder.mkdir(parents=True, exist_ok=True)
+                records.save_image_atomic(report.comparison_grid(rows), folder / f"step-{step:06d}.png")
+        self.accelerator.wait_for_everyone()
