@@ -79,7 +79,10 @@ class DistillTrainer(LoraTrainer):
 
     def _teacher_scheduler_timesteps(self) -> torch.Tensor:
         scheduler = self.teacher_scheduler()
-        scheduler.set_timesteps(self.config.teacher_steps)
+        try:
+            scheduler.set_timesteps(self.config.teacher_steps)
+        except ValueError as error:
+            raise HarnessError(f"--teacher_steps {self.config.teacher_steps}: {error}") from None
         return scheduler.timesteps
 
     def resolved_settings(self) -> dict:

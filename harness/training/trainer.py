@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from PIL import Image
@@ -61,6 +61,17 @@ class Progress:
     step: int = 0
     samples_seen: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class RunState:
+    """What a checkpoint saves and a resumed run restores, besides the weights the trainer saves."""
+
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    generator: torch.Generator  # every random draw of compute_loss
+    progress: Progress
 
 
 class Trainer:
@@ -143,7 +154,34 @@ class Trainer:
         resume_folder = self._resume_folder()
         resumed = TrainingState.load(resume_folder) if resume_folder else None
         self.seed = self._shared_seed(resumed)
+        run, dataset = self._build(examples)
+        if resumed is not None:
+            self._restore(resumed, resume_folder, run)
+        self._write_config(examples, resume_folder, run.progress)
 
+        sampler = StreamBatchSampler(len(dataset), config.batch_size, self.seed, run.progress.samples_seen,
+                                     self.accelerator.process_index, self.accelerator.num_processes)
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
+        started = time.perf_counter() - run.progress.seconds
+        for step in range(run.progress.step + 1, config.max_steps + 1):
+            lr = run.lr_scheduler.get_last_lr()[0]
+            loss = self._optimizer_step(batches, run)
+            run.progress.step = step
+            run.progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
+            run.progress.seconds = time.perf_counter() - started
+            self._report(StepReport(step, config.max_steps, loss, lr, run.progress.seconds))
+            if step % config.checkpointing_steps == 0:
+                self._save_checkpoint(run)
+            if config.validation_prompts and (step % config.validation_every == 0 or step == config.max_steps):
+                self._validate(step)
+
+        if self.is_main:
+            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+        self.accelerator.wait_for_everyone()
+        return self.checkpoint_dir / checkpoints.FINAL
+
+    def _build(self, examples) -> tuple[RunState, torch.utils.data.Dataset]:
+        """Models (through setup()), data, optimizer and schedule, prepared by accelerate."""
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
@@ -158,52 +196,31 @@ class Trainer:
         if not trainable:
             raise HarnessError(f"trainer '{self.name}' left nothing to train (no parameter requires grad).")
         dataset = self.prepare_data(ImageCaptionDataset(examples, self.resolution))
-        optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate)
-        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                     num_training_steps=config.max_steps)
+        optimizer = torch.optim.AdamW(trainable.values(), lr=self.config.learning_rate)
+        lr_scheduler = get_scheduler(self.config.lr_scheduler, optimizer, num_warmup_steps=self.config.lr_warmup_steps,
+                                     num_training_steps=self.config.max_steps)
         self.model, optimizer = self.accelerator.prepare(module, optimizer)
-        rank = self.accelerator.process_index
-        generator = torch.Generator(self.device).manual_seed(self.seed + 1_000_003 * rank)
-        progress = Progress()
-        if resumed is not None:
-            self._restore(resumed, resume_folder, trainable, optimizer, lr_scheduler, generator, progress)
-        self._write_config(examples, resume_folder, progress)
+        generator = torch.Generator(self.device).manual_seed(self.seed + 1_000_003 * self.accelerator.process_index)
+        return RunState(trainable, optimizer, lr_scheduler, generator, Progress()), dataset
 
-        sampler = StreamBatchSampler(len(dataset), config.batch_size, self.seed, progress.samples_seen,
-                                     rank, self.accelerator.num_processes)
-        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
-        started = time.perf_counter() - progress.seconds
-        for step in range(progress.step + 1, config.max_steps + 1):
-            losses = []
-            for _ in range(config.gradient_accumulation_steps):
-                batch = {key: value.to(self.device) if torch.is_tensor(value) else value
-                         for key, value in next(batches).items()}
-                # accumulate() skips the gradient all-reduce and optimizer.step() until the last micro-batch.
-                with self.accelerator.accumulate(self.model):
-                    with self.accelerator.autocast():
-                        loss = self.compute_loss(batch, generator)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients and config.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(trainable.values(), config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float())
-            lr = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
-            progress.step = step
-            progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
-            progress.seconds = time.perf_counter() - started
-            mean_loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-            self._report(StepReport(step, config.max_steps, mean_loss, lr, progress.seconds))
-            if step % config.checkpointing_steps == 0:
-                self._save_checkpoint(trainable, optimizer, lr_scheduler, generator, progress)
-            if config.validation_prompts and (step % config.validation_every == 0 or step == config.max_steps):
-                self._validate(step)
-
-        if self.is_main:
-            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
-        self.accelerator.wait_for_everyone()
-        return self.checkpoint_dir / checkpoints.FINAL
+    def _optimizer_step(self, batches, run: RunState) -> float:
+        """One optimizer step over --gradient_accumulation_steps micro-batches; the mean loss of all processes."""
+        losses = []
+        for _ in range(self.config.gradient_accumulation_steps):
+            batch = {key: value.to(self.device) if torch.is_tensor(value) else value
+                     for key, value in next(batches).items()}
+            # accumulate() skips the gradient all-reduce and optimizer.step() until the last micro-batch.
+            with self.accelerator.accumulate(self.model):
+                with self.accelerator.autocast():
+                    loss = self.compute_loss(batch, run.generator)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(run.trainable.values(), self.config.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        run.lr_scheduler.step()
+        return self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
     def _make_accelerator(self):
         from accelerate import Accelerator
@@ -265,24 +282,25 @@ class Trainer:
             log.write(json.dumps(report.as_dict()) + "\n")
         self.on_step(report)
 
-    def _save_checkpoint(self, trainable, optimizer, lr_scheduler, generator, progress: Progress) -> None:
+    def _save_checkpoint(self, run: RunState) -> None:
         from accelerate.utils import gather_object
 
-        rng_by_rank = gather_object([checkpoints.capture_rng(generator)])  # every process takes part
+        rng_by_rank = gather_object([checkpoints.capture_rng(run.generator)])  # every process takes part
         if self.is_main:
             state = TrainingState()
-            state.tensors.update({f"param.{name}": p for name, p in trainable.items()})
-            optimizer_tensors, optimizer_info = checkpoints.flatten_optimizer(optimizer.state_dict())
+            state.tensors.update({f"param.{name}": p for name, p in run.trainable.items()})
+            optimizer_tensors, optimizer_info = checkpoints.flatten_optimizer(run.optimizer.state_dict())
             state.tensors.update({f"optimizer.{name}": t for name, t in optimizer_tensors.items()})
             rng_info = {}
             for rank, rng in enumerate(rng_by_rank):
                 rng_tensors, rng_info[str(rank)] = checkpoints.rng_to_state(rank, rng)
                 state.tensors.update({f"rng.{name}": t for name, t in rng_tensors.items()})
             scaler = self.accelerator.scaler
+            progress = run.progress
             state.info = {
                 "step": progress.step, "samples_seen": progress.samples_seen, "seconds": progress.seconds,
                 "seed": self.seed, "world_size": self.accelerator.num_processes, "trainer": self.name,
-                "optimizer": optimizer_info, "lr_scheduler": lr_scheduler.state_dict(),
+                "optimizer": optimizer_info, "lr_scheduler": run.lr_scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_info,
             }
 
@@ -295,9 +313,8 @@ class Trainer:
                 checkpoints.prune(self.checkpoint_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
-    def _restore(self, state: TrainingState, folder: Path, trainable, optimizer, lr_scheduler, generator,
-                 progress: Progress) -> None:
-        info = state.info
+    def _restore(self, state: TrainingState, folder: Path, run: RunState) -> None:
+        info, trainable = state.info, run.trainable
         saved = state.with_prefix("param.")
         mismatched = {name for name, p in trainable.items() if name not in saved or saved[name].shape != p.shape}
         if mismatched or len(saved) != len(trainable):
@@ -307,19 +324,19 @@ class Trainer:
         with torch.no_grad():
             for name, parameter in trainable.items():
                 parameter.copy_(saved[name])
-        optimizer.load_state_dict(checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
-        lr_scheduler.load_state_dict(info["lr_scheduler"])
+        run.optimizer.load_state_dict(checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
+        run.lr_scheduler.load_state_dict(info["lr_scheduler"])
         if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(info["grad_scaler"])
         rank = str(self.accelerator.process_index)
         if rank in info["rng"]:
-            checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], generator)
+            checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], run.generator)
         if info["world_size"] != self.accelerator.num_processes:
             self.notify(f"the checkpoint was written by {info['world_size']} process(es), this run has "
                         f"{self.accelerator.num_processes}: training continues, but not exactly as the "
                         "uninterrupted run would have.")
-        progress.step, progress.samples_seen, progress.seconds = info["step"], info["samples_seen"], info["seconds"]
-        self.notify(f"resuming from '{folder}' at step {progress.step}.")
+        run.progress = Progress(info["step"], info["samples_seen"], info["seconds"])
+        self.notify(f"resuming from '{folder}' at step {run.progress.step}.")
 
     def _write_config(self, examples, resume_folder: Path | None, progress: Progress) -> None:
         if not self.is_main:
