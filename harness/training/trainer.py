@@ -104,7 +104,11 @@ class Trainer:
         return dataset
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The scalar loss of one micro-batch; call ``self.model`` for every forward that needs gradients."""
+        """The scalar loss of one micro-batch; call ``self.model`` for every forward that needs gradients.
+
+        ``batch["caption"]`` is a list of strings; ``batch["pixel_values"]`` is (B, 3, R, R) in [-1, 1] on
+        ``self.device``, unless ``prepare_data`` replaced the dataset with one of other items.
+        """
         raise NotImplementedError
 
     def save_weights(self, folder: Path) -> None:
