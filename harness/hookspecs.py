@@ -49,9 +49,10 @@ def register_commands(cli):
 
 @hookspec
 def harness_machine_info(info):
-    """Add fields to the ``environment`` block written into every benchmark record.
+    """Add fields to the ``environment`` block of every benchmark record and training ``config.json``.
 
-    Called once per ``harness bench`` run, before any sampler is loaded, never while timing.
+    Called once per ``harness bench`` run, before any sampler is loaded, and once per ``harness train``
+    run before training starts; never while timing.
 
     :param info: the environment dict collected so far (versions, device, git commit). Add keys to it
         in place; prefer a namespaced key (``"myplugin_driver"``) so plugins do not collide.
