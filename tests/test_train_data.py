@@ -59,10 +59,25 @@ def test_max_train_samples_takes_the_first_examples(tmp_path):
     assert examples.captions == [caption for _, _, caption in shapes_examples(2)]
 
 
-def test_a_missing_caption_is_named(tmp_path):
-    folder = write_shapes(tmp_path / "data", count=3, layout="images+captions")
+def test_images_without_captions_captions_without_images_and_broken_images_are_counted(tmp_path):
+    folder = write_shapes(tmp_path / "data", count=5, layout="images+captions")
     (folder / "captions" / "001.txt").unlink()
-    with pytest.raises(HarnessError, match="001.txt"):
+    (folder / "images" / "002.png").unlink()
+    (folder / "images" / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    examples = find_examples(None, str(folder))
+    assert len(examples) == 2  # 000 and 004
+    assert examples.skipped == [
+        f"1 image(s) without a caption file, e.g. '{folder / 'images' / '001.png'}'",
+        f"1 caption(s) without an image, e.g. '{folder / 'captions' / '002.txt'}'",
+        f"1 unreadable image(s), e.g. '{folder / 'images' / '003.png'}'",
+    ]
+
+
+def test_nothing_usable_left_is_an_error_that_says_why(tmp_path):
+    folder = write_shapes(tmp_path / "data", count=2)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    with pytest.raises(HarnessError, match=r"holds no usable image with a caption \(2 image\(s\) without a caption"):
         find_examples(None, str(folder))
 
 

@@ -13,7 +13,7 @@ centre-cropped to a square.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,6 +39,7 @@ class Examples:
     source: str
     captions: list[str]
     read_image: Callable[[int], Image.Image]
+    skipped: list[str] = field(default_factory=list)  # one line per kind of example left out, with its count
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -46,7 +47,7 @@ class Examples:
     def first(self, count: int | None) -> Examples:
         if count is None or count >= len(self):
             return self
-        return Examples(f"{self.source} (first {count})", self.captions[:count], self.read_image)
+        return Examples(f"{self.source} (first {count})", self.captions[:count], self.read_image, self.skipped)
 
 
 def find_examples(dataset_name: str | None, data_dir: str | None, image_column: str | None = None,
@@ -112,38 +113,60 @@ def _caption_text(value) -> str:
 def _local_examples(folder: Path, caption_column: str | None) -> Examples:
     if not folder.is_dir():
         raise HarnessError(f"--data_dir '{folder}' is not a folder; pass the folder that holds your images and captions.")
+    skipped: list[str] = []
     if (folder / METADATA_FILE).is_file():
         pairs = _metadata_pairs(folder, caption_column)
     elif (folder / "images").is_dir() and (folder / "captions").is_dir():
-        pairs = _caption_file_pairs(_images_in(folder / "images"), folder / "captions")
+        pairs = _caption_file_pairs(_images_in(folder / "images"), folder / "captions", skipped)
     else:
-        images = _images_in(folder)
-        if not images:
-            raise HarnessError(
-                f"--data_dir '{folder}' holds no images; expected images/*.png + captions/*.txt, *.png beside "
-                f"*.txt, or images with a {METADATA_FILE}."
-            )
-        pairs = _caption_file_pairs(images, folder)
+        pairs = _caption_file_pairs(_images_in(folder), folder, skipped)
+    pairs = _readable(pairs, skipped)
+    if not pairs:
+        reasons = f" ({'; '.join(skipped)})" if skipped else ""
+        raise HarnessError(
+            f"--data_dir '{folder}' holds no usable image with a caption{reasons}; expected images/*.png + "
+            f"captions/*.txt, *.png beside *.txt, or images with a {METADATA_FILE}."
+        )
     paths = [path for path, _ in pairs]
-    return Examples(f"folder '{folder}'", [caption for _, caption in pairs], lambda index: Image.open(paths[index]))
+    return Examples(f"folder '{folder}'", [caption for _, caption in pairs], lambda index: Image.open(paths[index]),
+                    skipped)
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _caption_file_pairs(images: list[Path], caption_folder: Path) -> list[tuple[Path, str]]:
-    pairs, missing = [], []
+def _caption_file_pairs(images: list[Path], caption_folder: Path, skipped: list[str]) -> list[tuple[Path, str]]:
+    """Images with their ``NAME.txt`` captions; images without one and captions without an image are counted."""
+    pairs, uncaptioned = [], []
     for image in images:
         caption_file = caption_folder / f"{image.stem}.txt"
         if caption_file.is_file():
-            pairs.append((image, caption_file.read_text(encoding="utf-8").strip()))
+            pairs.append((image, caption_file.read_text(encoding="utf-8", errors="replace").strip()))
         else:
-            missing.append(caption_file)
-    if missing:
-        raise HarnessError(f"{len(missing)} image(s) have no caption file, e.g. '{missing[0]}'; "
-                           "write one .txt caption per image, with the image's name.")
+            uncaptioned.append(image)
+    image_stems = {image.stem for image in images}
+    orphans = [c for c in sorted(caption_folder.glob("*.txt")) if c.stem not in image_stems]
+    if uncaptioned:
+        skipped.append(f"{len(uncaptioned)} image(s) without a caption file, e.g. '{uncaptioned[0]}'")
+    if orphans:
+        skipped.append(f"{len(orphans)} caption(s) without an image, e.g. '{orphans[0]}'")
     return pairs
+
+
+def _readable(pairs: list[tuple[Path, str]], skipped: list[str]) -> list[tuple[Path, str]]:
+    """The pairs whose image file opens as an image; the others are counted in ``skipped``."""
+    readable, broken = [], []
+    for path, caption in pairs:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            readable.append((path, caption))
+        except (OSError, SyntaxError, ValueError):  # PIL reports damaged files with any of these
+            broken.append(path)
+    if broken:
+        skipped.append(f"{len(broken)} unreadable image(s), e.g. '{broken[0]}'")
+    return readable
 
 
 def _metadata_pairs(folder: Path, caption_column: str | None) -> list[tuple[Path, str]]:

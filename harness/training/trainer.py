@@ -17,6 +17,7 @@ writes files.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -152,6 +153,8 @@ class Trainer:
         examples = find_examples(config.dataset_name, config.data_dir, config.image_column,
                                  config.caption_column, config.max_train_samples)
         self.accelerator = self._make_accelerator()
+        for line in examples.skipped:
+            self.notify(f"skipped {line}")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32)
@@ -169,7 +172,18 @@ class Trainer:
         started = time.perf_counter() - run.progress.seconds
         for step in range(run.progress.step + 1, config.max_steps + 1):
             lr = run.lr_scheduler.get_last_lr()[0]
-            loss = self._optimizer_step(batches, run)
+            try:
+                loss = self._optimizer_step(batches, run)
+            except torch.cuda.OutOfMemoryError:
+                raise HarnessError(
+                    f"CUDA out of memory at step {step}: reduce --batch_size to 1 and raise "
+                    "--gradient_accumulation_steps to keep the effective batch, add --gradient_checkpointing, "
+                    "use --resolution 256, or close other GPU applications. "
+                    f"{self._last_checkpoint_line()}") from None
+            if not math.isfinite(loss):
+                # Stop before anything is saved from the broken weights.
+                raise HarnessError(f"the loss became {loss} at step {step}; lower --learning_rate or "
+                                   f"--max_grad_norm, or train with --mixed_precision no. {self._last_checkpoint_line()}")
             run.progress.step = step
             run.progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
             run.progress.seconds = time.perf_counter() - started
@@ -183,6 +197,12 @@ class Trainer:
             checkpoints.write_atomically(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
         self.accelerator.wait_for_everyone()
         return self.checkpoint_dir / checkpoints.FINAL
+
+    def _last_checkpoint_line(self) -> str:
+        latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
+        if latest is None:
+            return "No checkpoint was written yet."
+        return f"The last checkpoint, '{latest}', is intact: continue with --resume_from_checkpoint latest."
 
     def _build(self, examples) -> tuple[RunState, torch.utils.data.Dataset]:
         """Models (through setup()), data, optimizer and schedule, prepared by accelerate."""
