@@ -59,3 +59,36 @@ def test_skipped_examples_are_reported_and_training_goes_on(tmp_path, shapes, em
     assert f"skipped 1 image(s) without a caption file, e.g. '{shapes / '000.png'}'" in result.output
     assert f"skipped 1 unreadable image(s), e.g. '{shapes / '001.png'}'" in result.output
     assert (tmp_path / "out" / "lora_student" / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_kill_9_mid_training_then_resume_latest_ends_with_the_uninterrupted_weights(tmp_path, shapes, embedded_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    common = ["train", "--plugin", "distill", "--data_dir", str(shapes), "--max_steps", "16",
+              "--output_dir", str(tmp_path), *FAST]
+    assert invoke(*common, "--run_name", "straight").exit_code == 0
+
+    process = subprocess.Popen([sys.executable, "-m", "harness", *common, "--run_name", "killed"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lora = tmp_path / "killed" / "lora"
+    deadline = time.monotonic() + 180
+    while not (lora / "checkpoint-6").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (lora / "final").exists()
+
+    result = invoke(*common, "--run_name", "killed", "--resume_from_checkpoint", "latest")
+    assert result.exit_code == 0, result.output
+    straight = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(lora / "final" / "pytorch_lora_weights.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
