@@ -66,3 +66,37 @@ def test_huge_prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a red circle on a blue background\n" * 200_000, encoding="utf-8")
     assert len(read_prompts(str(path))) == 200_000
+
+
+@QUICK
+@given(st.lists(st.binary(max_size=400), min_size=1, max_size=3))
+def test_any_caption_file_bytes_give_a_caption(tmp_path_factory, captions):
+    from PIL import Image
+
+    from harness.training.data import find_examples
+
+    folder = tmp_path_factory.mktemp("data")
+    for index, caption in enumerate(captions):
+        Image.new("RGB", (8, 8), "red").save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_bytes(caption)
+    examples = find_examples(None, str(folder))
+    assert len(examples) == len(captions)
+    assert all(caption == caption.strip() for caption in examples.captions)
+
+
+@QUICK
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=4))
+def test_any_metadata_lines_give_examples_or_a_clear_error(tmp_path_factory, lines):
+    from PIL import Image
+
+    from harness.training.data import find_examples
+
+    folder = tmp_path_factory.mktemp("data")
+    Image.new("RGB", (8, 8), "red").save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    try:
+        examples = find_examples(None, str(folder))
+    except HarnessError as error:
+        assert "\n" not in str(error)
+    else:
+        assert len(examples) >= 1
