@@ -13,7 +13,7 @@ import torch
 from harness import timing
 from harness.sampler import GenerationRequest
 
-ROUNDS = 8  # blocks of (bare, harness), alternated so machine noise hits both alike
+ROUNDS = 12  # blocks of (bare, harness), alternated so machine noise hits both alike
 CALLS_PER_BLOCK = 5
 
 
