@@ -169,6 +169,9 @@ def make_bench_command(registry, name: str = "bench", default_samplers: tuple[st
                      help="Measured passes over the prompts."),
         click.Option([*_alias("min_time"), "min_time"], type=click.FloatRange(min=0), default=0.0,
                      help="Keep measuring until this many seconds are recorded."),
+        click.Option(["--metric", "metrics"], multiple=True,
+                     help="Quality metric(s) scored on every measurement's images, outside the timed region "
+                          f"(several values or a repeated flag). Installed: {', '.join(sorted(registry.metrics))}."),
         click.Option(["--batch"], type=click.IntRange(min=1),
                      help="Images per pipeline call (default: all --num_images in one call)."),
         click.Option(["--compile"], is_flag=True,
@@ -187,22 +190,24 @@ def make_bench_command(registry, name: str = "bench", default_samplers: tuple[st
         click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar."),
     ]
     core_names = {param.name for param in params}
-    plugin_option_names: list[str] = []
-    for entry in registry.samplers.values():
-        for option in getattr(entry.cls, "options", []):
-            if option.name in core_names:
-                raise HarnessError(f"sampler '{entry.name}' ({entry.source}) declares option --{option.name}, "
-                                   "which harness already has; rename it in the plugin.")
-            if option.name not in plugin_option_names:
-                plugin_option_names.append(option.name)
-                params.append(option)
+    # A plugin's own options join the command; their values reach the plugin by parameter name.
+    declared: dict[str, list[str]] = {"sampler": [], "metric": []}
+    for kind, table in (("sampler", registry.samplers), ("metric", registry.metrics)):
+        for entry in table.values():
+            for option in getattr(entry.cls, "options", []):
+                if option.name in core_names:
+                    raise HarnessError(f"{kind} '{entry.name}' ({entry.source}) declares option --{option.name}, "
+                                       "which harness already has; rename it in the plugin.")
+                if all(option.name not in names for names in declared.values()):
+                    declared[kind].append(option.name)
+                    params.append(option)
 
     def callback(**values: Any) -> None:
-        plugin_values = {option: values.pop(option) for option in plugin_option_names}
+        plugin_values = {kind: {option: values.pop(option) for option in names} for kind, names in declared.items()}
         values["compare_baseline"] = values["compare_baseline"] or always_compare
         run_bench(registry, values, plugin_values)
 
-    return MultiValueCommand(name, params=params, callback=callback, multi_value=("--sampler", "-s", "--steps"),
+    return MultiValueCommand(name, params=params, callback=callback, multi_value=("--sampler", "-s", "--steps", "--metric"),
                              help=help_text)
 
 
@@ -238,6 +243,8 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
     samplers = list(dict.fromkeys(values["samplers"]))
     for name in samplers:
         registry.sampler(name)
+    for name in values["metrics"]:
+        registry.metric(name)
     if values["compare_baseline"] and not any(registry.sampler(n).cls.is_baseline for n in samplers):
         samplers.append("vanilla-sd")
     for side in ("height", "width"):
@@ -274,7 +281,8 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
                            attention=values["attention"], fuse_lora=not values["no_fuse"],
                            vae_slicing=values["vae_slicing"], vae_tiling=values["vae_tiling"]),
         batch=values["batch"],
-        sampler_options=plugin_values,
+        sampler_options=plugin_values["sampler"],
+        metrics=list(dict.fromkeys(values["metrics"])), metric_options=plugin_values["metric"],
     )
     return spec
 
@@ -355,11 +363,11 @@ def report_command(run_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def plugins_command(ctx, show_all, as_json):
-    """List installed samplers and trainers, and where they came from."""
+    """List installed samplers, trainers and metrics, and where they came from."""
     registry = get_registry(ctx.parent.params.get("plugin_dir") or ())
     rows = [
         {"name": entry.name, "kind": entry.kind, "source": entry.source, "description": entry.description}
-        for table in (registry.samplers, registry.trainers) for entry in table.values()
+        for table in (registry.samplers, registry.trainers, registry.metrics) for entry in table.values()
     ]
     rows += [{"name": info.name, "kind": "broken", "source": info.source, "description": info.error}
              for info in registry.broken()]

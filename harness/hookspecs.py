@@ -37,6 +37,19 @@ def register_trainers(register):
 
 
 @hookspec
+def register_metrics(register):
+    """Register quality-metric classes.
+
+    Called once, when the plugin registry is first built.
+
+    :param register: call ``register(MetricClass)`` for each metric the plugin provides. The class must
+        subclass :class:`harness.metric.Metric` and set ``name`` and ``description``;
+        ``harness bench --metric NAME`` runs it on every measurement's images, outside the timed region.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add subcommands to the ``harness`` command-line interface.
 

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.vanilla_sd",
     "harness_plugins.local_student",
     "harness_plugins.distill",
+    "harness_plugins.image_metrics",
 )
 
 
@@ -68,6 +69,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.samplers: dict[str, Registered] = {}
         self.trainers: dict[str, Registered] = {}
+        self.metrics: dict[str, Registered] = {}
 
         for module_name in DEFAULT_PLUGINS:
             self._register_import(module_name, module_name, "built-in", importlib.import_module)
@@ -81,6 +83,7 @@ class Registry:
 
         self._collect("register_samplers", "sampler", self.samplers)
         self._collect("register_trainers", "trainer", self.trainers)
+        self._collect("register_metrics", "metric", self.metrics)
 
     def _register_import(self, name: str, target, source: str, importer: Callable) -> None:
         # A plugin that fails to import is reported as broken; the others still load.
@@ -121,6 +124,9 @@ class Registry:
 
     def trainer(self, name: str) -> Registered:
         return _lookup(self.trainers, name, "trainer")
+
+    def metric(self, name: str) -> Registered:
+        return _lookup(self.metrics, name, "metric")
 
 
 def _lookup(table: dict[str, Registered], name: str, kind: str) -> Registered:

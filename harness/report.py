@@ -73,7 +73,17 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
         ])
     headers = ["sampler", "steps", "guidance", "UNet evals/image", "ms/image", "images/s", "stdev",
                "p90 ms/image", "first call ms", "load s", "peak MB", "speedup", "ideal speedup"]
-    return tabulate(rows, headers=headers, tablefmt="github")
+    metric_names = list(dict.fromkeys(name for r in records if r["status"] == "ok" for name in r.get("metrics", {})))
+    for row, record in zip(rows, records):
+        if record["status"] == "ok":
+            row += [_metric_cell(record["metrics"].get(name, {})) for name in metric_names]
+    return tabulate(rows, headers=headers + metric_names, tablefmt="github")
+
+
+def _metric_cell(result: dict[str, Any]) -> str:
+    if "value" not in result:
+        return "error" if "error" in result else ""
+    return f"{result['value']:.4g}"
 
 
 def stage_table(records: Sequence[dict[str, Any]]) -> str:

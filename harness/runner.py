@@ -15,6 +15,7 @@ import torch
 
 from harness import models, records, report, timing
 from harness.errors import HarnessError
+from harness.metric import MetricConfig, MetricInput
 from harness.plugins import Registry
 from harness.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.speed import SpeedOptions
@@ -48,6 +49,8 @@ class BenchSpec:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     batch: int | None = None  # images per pipeline call; None: all --num_images in one call
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+    metric_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_call(self) -> int:
@@ -137,6 +140,9 @@ class BenchRun:
         # Without --seed, draw one so the run is still reproducible from its records.
         self.seed = spec.seed if spec.seed is not None else random.randrange(2**31)
         self.records: list[dict[str, Any]] = []
+        metric_config = MetricConfig(self.device, dict(spec.metric_options))
+        self.metrics = {name: registry.metric(name).cls(metric_config) for name in spec.metrics}
+        self.reference: tuple[str, list] | None = None  # the first baseline's label and images
         self.errors: list[str] = []
         self.outdir = Path(spec.outdir)
 
@@ -221,6 +227,9 @@ class BenchRun:
         for image, name in zip(images, names):
             records.save_image_atomic(image, self.outdir / name)
 
+        prompts = [request.prompt for request in requests for _ in request.seeds]
+        if task.baseline and self.reference is None:
+            self.reference = (f"{task.sampler} {task.steps} steps", images)
         stats = measurement.stats
         per_image = stats.median / self.spec.images_per_call
         baselines = [t for t in self.tasks if t.baseline]
@@ -250,6 +259,7 @@ class BenchRun:
             "deterministic": len(set(digests)) == 1,
             "image_size": list(images[0].size),
             "warnings": warnings,
+            "metrics": self._score(task, images, prompts),
             "images": names,
             "grid": file_names(task, 0, seed_in_names)[1],
             "comparisons": [] if task.baseline else [
@@ -259,6 +269,33 @@ class BenchRun:
         }
         report.write_grids(self.outdir, record, [r for r in self.records if r.get("baseline") and r["status"] == "ok"])
         self._append(record)
+
+    def _score(self, task: Task, images: list, prompts: list[str]) -> dict[str, dict[str, Any]]:
+        """Every requested metric on this measurement's images; a metric that cannot score says why."""
+        scores = {}
+        for name, metric in self.metrics.items():
+            references = None
+            if self.model.random_weights:
+                scores[name] = {"skipped": f"{self.model.note}: quality metrics mean nothing here"}
+                continue
+            if metric.needs_reference:
+                if task.baseline:
+                    scores[name] = {"skipped": "this measurement is the reference"}
+                    continue
+                if self.reference is None:
+                    scores[name] = {"skipped": "no baseline in this run to compare with: add --compare_baseline"}
+                    continue
+                references = self.reference[1]
+            try:
+                result = metric.score(MetricInput(images, prompts, references))
+            except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
+                self.on_warning(f"metric {name} on {task.sampler} {task.steps} steps: {_message(error)}")
+                scores[name] = {"error": _message(error)}
+                continue
+            if references is not None:
+                result["reference"] = self.reference[0]
+            scores[name] = result
+        return scores
 
     def _config(self) -> dict[str, Any]:
         config = self.spec.config_dict(self.seed)
