@@ -269,7 +269,7 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
     if outdir is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         outdir = Path("results") / f"{stamp}-{'-'.join(samplers)}"
-    spec = BenchSpec(
+    return BenchSpec(
         samplers=samplers, steps=list(dict.fromkeys(values["steps"])), prompts=prompts or [], model=model_name,
         outdir=Path(outdir), num_images=values["num_images"], seed=values["seed"],
         baseline_steps=values["baseline_steps"], baseline_guidance=values["baseline_guidance"],
@@ -284,7 +284,6 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
         sampler_options=plugin_values["sampler"],
         metrics=list(dict.fromkeys(values["metrics"])), metric_options=plugin_values["metric"],
     )
-    return spec
 
 
 def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -> None:
@@ -296,9 +295,8 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
         click.echo(json.dumps({"spec": spec.config_dict(spec.seed), "tasks": [vars(t) for t in tasks]},
                               indent=2, default=str))
         return
+    run = BenchRun(spec, registry)  # resolves device and model first: a bad one leaves no empty folder behind
     _prepare_outdir(spec.outdir, values["overwrite"])
-
-    run = BenchRun(spec, registry)
     if run.model.notice:
         click.echo(run.model.notice, err=True)
     if not values["quiet"]:

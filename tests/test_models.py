@@ -109,3 +109,10 @@ def test_unwritable_outdir(tmp_path):
     result = invoke("bench", "--outdir", blocker / "run", "--steps", "2", *FAST)
     assert result.exit_code == 2
     assert "cannot write to output folder" in result.output
+
+
+def test_a_bad_model_name_leaves_no_output_folder(tmp_path):
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--model", "not a model", "--outdir", outdir, *FAST)
+    assert result.exit_code == 2
+    assert not outdir.exists()
