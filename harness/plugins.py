@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.distill",
     "harness_plugins.shapes",
     "harness_plugins.image_metrics",
+    "harness_plugins.fidelity",
 )
 
 

@@ -82,7 +82,7 @@ def test_no_quality_metric_runs_on_random_weights(tmp_path):
 def test_unknown_metric_lists_the_known_ones():
     result = invoke("bench", "--dry-run", "--metric", "fid")
     assert result.exit_code == 2
-    assert "unknown metric 'fid'; known metrics: psnr, ssim." in result.output
+    assert "unknown metric 'fid'; known metrics: fidelity, psnr, ssim." in result.output
 
 
 def test_plugins_lists_metrics():
@@ -90,3 +90,36 @@ def test_plugins_lists_metrics():
 
     rows = json.loads(invoke("plugins", "--json").output)
     assert {row["name"]: row["kind"] for row in rows}.get("psnr") == "metric"
+
+
+def test_fidelity_is_perfect_on_renders_of_the_prompt_and_low_on_other_prompts():
+    import torch
+
+    from harness.metric import MetricConfig, MetricInput
+    from harness.shapes import all_attributes, caption, render
+    from harness_plugins.fidelity import FidelityMetric
+
+    attributes = all_attributes()[::97]
+    images = [render(attrs) for attrs in attributes]
+    prompts = [caption(attrs) for attrs in attributes]
+    metric = FidelityMetric(MetricConfig(torch.device("cpu")))
+    assert metric.score(MetricInput(images, prompts))["value"] == 1.0
+    assert metric.score(MetricInput(images, prompts[1:] + prompts[:1]))["value"] < 0.6
+
+
+def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompts(tmp_path, embedded_model):
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", outdir,
+                    "--prompt", "a large red square in the centre on a blue background", *FAST)
+    assert result.exit_code == 0, result.output
+    [record] = read_records(outdir)
+    scores = record["metrics"]["fidelity"]
+    assert set(scores) == {"value", "shape", "colour", "background", "position", "size", "overall", "n"}
+    assert 0 <= scores["value"] <= 1 and scores["n"] == 1
+
+    result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", tmp_path / "other",
+                    "--prompt", "a cat wearing sunglasses", *FAST)
+    assert result.exit_code == 0
+    [record] = read_records(tmp_path / "other")
+    assert record["metrics"]["fidelity"]["error"].startswith("fidelity scores prompts of the shapes grammar only")
+    assert "Warning: metric fidelity on flash-lcm 2 steps" in result.output
