@@ -82,3 +82,61 @@ def write_latency_plot(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
     return path
+
+
+QUALITY_PLOT = "quality.png"
+
+
+class QualityPoint(NamedTuple):
+    label: str  # "sampler steps"
+    seconds: float  # median seconds/image
+    quality: float
+
+
+def quality_points(records: Sequence[dict[str, Any]], metric: str) -> list[QualityPoint]:
+    """One point per successful measurement that has a value for ``metric``."""
+    return [
+        QualityPoint(f"{r['sampler']} {r['steps']}", r["timing"]["seconds_per_image"], r["metrics"][metric]["value"])
+        for r in records
+        if r["status"] == "ok" and "value" in r.get("metrics", {}).get(metric, {})
+    ]
+
+
+def pareto_front(points: Sequence[QualityPoint], higher_is_better: bool = True) -> list[QualityPoint]:
+    """The points no other point beats on both speed and quality, fastest first."""
+    sign = 1 if higher_is_better else -1
+    front, best = [], None
+    for point in sorted(points, key=lambda p: (p.seconds, -sign * p.quality)):
+        if best is None or sign * point.quality > sign * best:
+            front.append(point)
+            best = point.quality
+    return front
+
+
+def write_quality_plot(run_dir: Path, records: Sequence[dict[str, Any]], metric: str,
+                       higher_is_better: bool = True) -> Path | None:
+    """Write ``quality.png``: ``metric`` against seconds/image, the Pareto front joined; None without points."""
+    points = quality_points(records, metric)
+    if not points:
+        return None
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter([p.seconds for p in points], [p.quality for p in points], color="tab:blue", zorder=2)
+    for point in points:
+        axes.annotate(point.label, (point.seconds, point.quality), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+    front = pareto_front(points, higher_is_better)
+    axes.plot([p.seconds for p in front], [p.quality for p in front], color="tab:red", linewidth=1.2,
+              marker="o", label="Pareto front", zorder=1)
+    if needs_log_scale([p.seconds for p in points]):
+        axes.set_xscale("log")
+    axes.set_xlabel("seconds per image (median)")
+    axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    axes.set_title(f"Quality against latency: {_title(next(r for r in records if r['status'] == 'ok'))}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    path = Path(run_dir) / QUALITY_PLOT
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
+    return path

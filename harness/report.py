@@ -140,12 +140,18 @@ def summary_markdown(records: Sequence[dict[str, Any]]) -> str:
 
 def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
     """Write the latency plot and ``summary.md`` (which links the plot)."""
-    from harness.plots import write_latency_plot
+    from harness.plots import write_latency_plot, write_quality_plot
 
     text = summary_markdown(records)
     plot = write_latency_plot(Path(run_dir), records)
     if plot is not None:
         text += f"\n![seconds per image against steps]({plot.name})\n"
+    scored = [(name, result) for r in records if r["status"] == "ok"
+              for name, result in r.get("metrics", {}).items() if "value" in result]
+    if scored:  # the first metric with values is plotted against latency
+        name, result = scored[0]
+        quality = write_quality_plot(Path(run_dir), records, name, result.get("higher_is_better", True))
+        text += f"\n![{name} against seconds per image, Pareto front in red]({quality.name})\n"
     write_text_atomic(Path(run_dir) / SUMMARY_FILE, text)
     return text
 

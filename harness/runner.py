@@ -294,7 +294,7 @@ class BenchRun:
                 continue
             if references is not None:
                 result["reference"] = self.reference[0]
-            scores[name] = result
+            scores[name] = {**result, "higher_is_better": metric.higher_is_better}
         return scores
 
     def _config(self) -> dict[str, Any]:

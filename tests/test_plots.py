@@ -41,3 +41,24 @@ def test_nothing_to_plot_when_every_measurement_failed(tmp_path):
 def test_same_records_give_the_same_bytes(tmp_path):
     first = write_latency_plot(tmp_path, RUN).read_bytes()
     assert write_latency_plot(tmp_path, RUN).read_bytes() == first
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    from harness.plots import QualityPoint, pareto_front
+
+    points = [QualityPoint("a", 1.0, 20.0), QualityPoint("b", 2.0, 25.0), QualityPoint("c", 3.0, 22.0),
+              QualityPoint("d", 0.5, 10.0), QualityPoint("e", 4.0, 30.0)]
+    assert [p.label for p in pareto_front(points)] == ["d", "a", "b", "e"]
+    assert [p.label for p in pareto_front(points, higher_is_better=False)] == ["d"]
+
+
+def test_quality_plot_is_written_with_metric_values_and_linked(tmp_path, embedded_model):
+    from tests.conftest import invoke
+
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--steps", "2", "4", "--compare_baseline", "--metric", "psnr", "--outdir", outdir,
+                    "--warmup", "0", "--repeats", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    image = Image.open(outdir / "quality.png")
+    assert image.size[0] >= 400
+    assert "](quality.png)" in (outdir / "summary.md").read_text()
