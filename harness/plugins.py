@@ -32,6 +32,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.shapes",
     "harness_plugins.image_metrics",
     "harness_plugins.fidelity",
+    "harness_plugins.clip_score",
 )
 
 

@@ -82,7 +82,7 @@ def test_no_quality_metric_runs_on_random_weights(tmp_path):
 def test_unknown_metric_lists_the_known_ones():
     result = invoke("bench", "--dry-run", "--metric", "fid")
     assert result.exit_code == 2
-    assert "unknown metric 'fid'; known metrics: fidelity, psnr, ssim." in result.output
+    assert "unknown metric 'fid'; known metrics: clip-score, fidelity, psnr, ssim." in result.output
 
 
 def test_plugins_lists_metrics():
