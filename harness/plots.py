@@ -56,9 +56,7 @@ def write_latency_plot(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path
     all_series = latency_series(records)
     if not all_series:
         return None
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)  # attaches itself to the figure: savefig renders with Agg, whatever the backend
-    axes = figure.add_subplot()
+    figure, axes = _new_figure()
     for series in all_series:
         steps, seconds = zip(*series.points)
         if series.baseline:
@@ -75,10 +73,21 @@ def write_latency_plot(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path
     axes.set_xticks(sorted({step for series in all_series for step, _ in series.points}))
     axes.set_xlabel("inference steps")
     axes.set_ylabel("seconds per image (median)")
-    axes.set_title(f"Latency: {_title(next(r for r in records if r['status'] == 'ok'))}")
+    return _finish(figure, axes, f"Latency: {_title(next(r for r in records if r['status'] == 'ok'))}",
+                   Path(run_dir) / LATENCY_PLOT)
+
+
+def _new_figure():
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # attaches itself to the figure: savefig renders with Agg, whatever the backend
+    return figure, figure.add_subplot()
+
+
+def _finish(figure, axes, title: str, path: Path) -> Path:
+    """Title, grid and legend, then the PNG written atomically."""
+    axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    path = Path(run_dir) / LATENCY_PLOT
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
     return path
@@ -119,9 +128,7 @@ def write_quality_plot(run_dir: Path, records: Sequence[dict[str, Any]], metric:
     points = quality_points(records, metric)
     if not points:
         return None
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _new_figure()
     axes.scatter([p.seconds for p in points], [p.quality for p in points], color="tab:blue", zorder=2)
     for point in points:
         axes.annotate(point.label, (point.seconds, point.quality), textcoords="offset points", xytext=(4, 4),
@@ -133,10 +140,5 @@ def write_quality_plot(run_dir: Path, records: Sequence[dict[str, Any]], metric:
         axes.set_xscale("log")
     axes.set_xlabel("seconds per image (median)")
     axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
-    axes.set_title(f"Quality against latency: {_title(next(r for r in records if r['status'] == 'ok'))}")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    path = Path(run_dir) / QUALITY_PLOT
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    return path
+    return _finish(figure, axes, f"Quality against latency: {_title(next(r for r in records if r['status'] == 'ok'))}",
+                   Path(run_dir) / QUALITY_PLOT)
