@@ -114,7 +114,8 @@ def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompt
     assert result.exit_code == 0, result.output
     [record] = read_records(outdir)
     scores = record["metrics"]["fidelity"]
-    assert set(scores) == {"value", "shape", "colour", "background", "position", "size", "overall", "n"}
+    assert set(scores) == {"value", "shape", "colour", "background", "position", "size", "overall", "n",
+                           "higher_is_better"}
     assert 0 <= scores["value"] <= 1 and scores["n"] == 1
 
     result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", tmp_path / "other",
