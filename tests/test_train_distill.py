@@ -171,10 +171,10 @@ def test_help_lists_the_trainers_options_in_both_spellings_with_the_seeds_defaul
 def test_unknown_or_missing_plugin_lists_the_trainers():
     result = invoke("train", "--plugin", "nope", "--max_steps", "3")
     assert result.exit_code == 2
-    assert "unknown trainer 'nope'; known trainers: distill." in result.output
+    assert "unknown trainer 'nope'; known trainers: distill, lcm." in result.output
     result = invoke("train", "--max_steps", "3")
-    assert result.exit_code == 2 and "installed trainers: distill" in result.output
-    assert "Installed trainers: distill." in invoke("train", "--help").output
+    assert result.exit_code == 2 and "installed trainers: distill, lcm" in result.output
+    assert "Installed trainers: distill, lcm." in invoke("train", "--help").output
 
 
 def test_data_problems_end_in_one_line(tmp_path):
