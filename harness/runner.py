@@ -4,6 +4,7 @@ and its images, grids and records are written as soon as that measurement ends."
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import random
 from dataclasses import asdict, dataclass, field
@@ -151,10 +152,10 @@ class BenchRun:
         return self.outdir / records.RECORDS_FILE
 
     def run(self) -> list[dict[str, Any]]:
-        for task in self.tasks:
-            (self.outdir / task.folder).mkdir(parents=True, exist_ok=True)
-        self.environment = records.environment(self.device, self.dtype, self.registry.pm)
         try:
+            for task in self.tasks:
+                (self.outdir / task.folder).mkdir(parents=True, exist_ok=True)
+            self.environment = records.environment(self.device, self.dtype, self.registry.pm)
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:
@@ -179,6 +180,7 @@ class BenchRun:
         try:
             _, load_s = timing.timed(sampler.load, self.device)
         except Exception as error:  # noqa: BLE001 - a failing plugin must not stop the others
+            sampler.unload()  # whatever it loaded before failing must not crowd the next sampler
             self.errors.append(f"{name}: {_message(error)}")
             for task in tasks:
                 self._append_failure(task, _message(error))
@@ -190,7 +192,10 @@ class BenchRun:
                 try:
                     self._measure(sampler, task, load_s, info)
                 except torch.cuda.OutOfMemoryError:
-                    self._fail(task, "CUDA out of memory: reduce --num_images to 1 and close other GPU applications.")
+                    gc.collect()
+                    torch.cuda.empty_cache()  # the next step count starts from a clean cache
+                    self._fail(task, "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other "
+                                     "GPU applications.")
                 except OSError as error:
                     if error.errno in DISK_ERRORS:
                         raise  # nothing more can be written: stop the run

@@ -8,6 +8,7 @@ identically for every sampler.
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -169,6 +170,7 @@ class DiffusersSampler(Sampler):
     def unload(self) -> None:
         self.pipeline = None
         if self.config.device.type == "cuda":
+            gc.collect()  # diffusers and peft modules hold reference cycles; free them before the cache
             torch.cuda.empty_cache()
 
 

@@ -39,6 +39,16 @@ class ClipScoreMetric(Metric):
 
     def score(self, data: MetricInput) -> dict:
         model, processor = self._load()
+        try:
+            return self._score(model.to(self.config.device), processor, data)
+        finally:
+            # Back to the CPU between measurements: on a GPU, CLIP's weights would otherwise sit inside
+            # every later measurement's peak-memory figure.
+            if self.config.device.type == "cuda":
+                model.to("cpu")
+                torch.cuda.empty_cache()
+
+    def _score(self, model, processor, data: MetricInput) -> dict:
         # CLIP's text encoder has a fixed context (77 tokens): longer prompts are cut, as torchmetrics does.
         max_tokens = model.config.text_config.max_position_embeddings
         cosines = []
@@ -69,7 +79,7 @@ class ClipScoreMetric(Metric):
                 processor = CLIPProcessor.from_pretrained(self.clip_model)
             except Exception as error:  # noqa: BLE001 - any load failure becomes the one-line fix below
                 raise HarnessError(self._load_failure(error)) from None
-            self._loaded = (model.to(self.config.device).eval(), processor)
+            self._loaded = (model.eval(), processor)
         return self._loaded
 
     def _load_failure(self, error: Exception) -> str:

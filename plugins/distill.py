@@ -13,10 +13,11 @@ Objectives (``--objective``):
 - ``trajectory`` (default): progressive distillation (Salimans & Ho, 2022, "Progressive Distillation for
   Fast Sampling of Diffusion Models") with the guidance distilled into the student as in Meng et al., 2023
   ("On Distillation of Guided Diffusion Models"). From a noised latent x_t at a student timestep t, the
-  teacher runs its guided solver down to the student's next timestep s (or to the clean latent); the
-  target is the clean latent for which one DDIM step from x_t lands exactly where the teacher landed. The
-  student's clean-latent prediction - what every LCMScheduler step consumes - is pulled to that target, so
-  each of its steps covers what the teacher needed many guided steps for.
+  teacher runs its guided solver down to the student's next timestep s (or to the clean latent), and the
+  loss compares where one DDIM step of the student from x_t lands with where the teacher landed: the
+  student must land there in one step, so each of its steps covers what the teacher needed many guided
+  steps for. (Progressive distillation states the same match as a clean-latent target; comparing at s
+  weights intervals by how much of x_s the clean latent decides, small at the noisiest student step.)
 - ``eps``: the seed's literal description: the student's output matches the guided teacher's output at the
   same x_t and t (one teacher evaluation per step, but the student only learns the guided direction, not
   to jump a whole interval).

@@ -69,12 +69,12 @@ def test_failing_samplers_are_recorded_and_the_others_still_run(tmp_path, plugin
     assert records["flash-lcm"]["status"] == "ok"
     assert records["explodes"] == {**records["explodes"], "status": "failed",
                                    "error": "RuntimeError: boom at step 1"}
-    assert records["oom"]["error"] == "CUDA out of memory: reduce --num_images to 1 and close other GPU applications."
+    assert records["oom"]["error"] == "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications."
     assert records["broken-load"]["error"] == "ValueError: weights missing"
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert errors == [
         "Error: explodes (2 steps): RuntimeError: boom at step 1",
-        "Error: oom (2 steps): CUDA out of memory: reduce --num_images to 1 and close other GPU applications.",
+        "Error: oom (2 steps): CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications.",
         "Error: broken-load: ValueError: weights missing",
     ]
     summary = (outdir / "summary.md").read_text()

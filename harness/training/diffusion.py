@@ -72,16 +72,6 @@ class NoiseSchedule:
         alpha_next, sigma_next = self.alpha_sigma(t_next, x_t)
         return alpha_next * self.to_clean(output, x_t, t) + sigma_next * self.to_noise(output, x_t, t)
 
-    def clean_target(self, x_t: torch.Tensor, x_next: torch.Tensor, t, t_next) -> torch.Tensor:
-        """The clean latent x0 for which one DDIM step from (x_t, t) lands exactly on x_next at t_next.
-
-        Solves x_next = alpha' x0 + sigma' (x_t - alpha x0) / sigma for x0: progressive distillation's
-        target (Salimans & Ho, 2022). At t_next = CLEAN it is x_next itself.
-        """
-        alpha, sigma = self.alpha_sigma(t, x_t)
-        alpha_next, sigma_next = self.alpha_sigma(t_next, x_t)
-        return (x_next - sigma_next / sigma * x_t) / (alpha_next - sigma_next * alpha / sigma)
-
 
 class EncodedDataset(torch.utils.data.Dataset):
     """Items ``{"latent_params": VAE posterior mean and log-variance, "caption": str}``."""

@@ -46,7 +46,11 @@ class LoraTrainer(LatentDiffusionTrainer):
         unet = pipe.unet
         if self.config.lora_path:
             models.load_lora(pipe, models.resolve_lora(self.config.lora_path, None), fuse=False)
-            (self.adapter_name,) = unet.peft_config
+            adapters = list(getattr(unet, "peft_config", {}))
+            if len(adapters) != 1:
+                raise HarnessError(f"--lora_path '{self.config.lora_path}' holds no UNet LoRA to start the student "
+                                   "from; pass a LoRA trained for this model's UNet (e.g. .../lora/final).")
+            self.adapter_name = adapters[0]
             for name, parameter in unet.named_parameters():
                 parameter.requires_grad_("lora_" in name)
         else:
