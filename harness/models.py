@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from harness import architectures, lora_io
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 
 SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The seed's model id; the repository was deleted from the hub in 2024.
@@ -150,15 +150,10 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
 
 
 def _load_failure(what: str, error: Exception, kind: str) -> str:
-    reason = _first_line(error)
+    reason = one_line(error)
     if kind == "local":
         return f"cannot load {what}: {reason}. Check that the folder is complete (re-save it with save_pretrained)."
     return f"cannot load {what}: {reason}. To fix: {OFFLINE_FIX}."
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 @dataclass(frozen=True)
@@ -224,7 +219,7 @@ def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
         else:
             pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
     except Exception as error:  # noqa: BLE001
-        reason = _first_line(error)
+        reason = one_line(error)
         if source.kind == "hub":
             raise HarnessError(f"cannot load LoRA '{source.location}': {reason}. To fix: {OFFLINE_FIX}.") from None
         raise HarnessError(

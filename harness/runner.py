@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from harness import models, records, report, timing
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.metric import MetricConfig, MetricInput
 from harness.plugins import Registry
 from harness.sampler import GenerationRequest, Sampler, SamplerConfig
@@ -181,9 +181,9 @@ class BenchRun:
             _, load_s = timing.timed(sampler.load, self.device)
         except Exception as error:  # noqa: BLE001 - a failing plugin must not stop the others
             sampler.unload()  # whatever it loaded before failing must not crowd the next sampler
-            self.errors.append(f"{name}: {_message(error)}")
+            self.errors.append(f"{name}: {one_line(error)}")
             for task in tasks:
-                self._append_failure(task, _message(error))
+                self._append_failure(task, one_line(error))
                 self.on_progress(task)
             return
         try:
@@ -199,9 +199,9 @@ class BenchRun:
                 except OSError as error:
                     if error.errno in DISK_ERRORS:
                         raise  # nothing more can be written: stop the run
-                    self._fail(task, _message(error))
+                    self._fail(task, one_line(error))
                 except Exception as error:  # noqa: BLE001
-                    self._fail(task, _message(error))
+                    self._fail(task, one_line(error))
                 self.on_progress(task)
         finally:
             sampler.unload()
@@ -294,8 +294,8 @@ class BenchRun:
             try:
                 result = metric.score(MetricInput(images, prompts, references))
             except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
-                self.on_warning(f"metric {name} on {task.sampler} {task.steps} steps: {_message(error)}")
-                scores[name] = {"error": _message(error)}
+                self.on_warning(f"metric {name} on {task.sampler} {task.steps} steps: {one_line(error)}")
+                scores[name] = {"error": one_line(error)}
                 continue
             if references is not None:
                 result["reference"] = self.reference[0]
@@ -328,12 +328,6 @@ class BenchRun:
     def _append(self, record: dict[str, Any]) -> None:
         records.append_record(self.records_path, record)
         self.records.append(record)
-
-
-def _message(error: Exception) -> str:
-    """A one-line description: HarnessError text as it is, anything else prefixed by its type."""
-    text = str(error) if isinstance(error, HarnessError) else f"{type(error).__name__}: {error}"
-    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def _unet_counts(stage_profile: timing.Profile, images_per_call: int) -> dict[str, Any]:

@@ -13,9 +13,8 @@ import click
 import torch
 
 import harness
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.metric import Metric, MetricInput
-from harness.models import _first_line
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 SCALE = "torchmetrics: 100 * max(cosine, 0)"
@@ -83,7 +82,7 @@ class ClipScoreMetric(Metric):
         return self._loaded
 
     def _load_failure(self, error: Exception) -> str:
-        reason = _first_line(error).rstrip(".")  # the sentence below adds its own full stop
+        reason = one_line(error).rstrip(".")  # the sentence below adds its own full stop
         if Path(self.clip_model).is_dir():
             return (f"cannot load CLIP model from '{self.clip_model}': {reason}. Check that the folder holds a "
                     "CLIPModel in safetensors and its CLIPProcessor, both saved with save_pretrained.")

@@ -36,6 +36,7 @@ import torch
 import harness
 from harness.errors import HarnessError
 from harness.training import LoraTrainConfig, LoraTrainer, setting
+from harness.training.lora import distance
 
 
 @dataclass
@@ -66,7 +67,6 @@ class DistillTrainer(LoraTrainer):
 
     def setup(self) -> torch.nn.Module:
         unet = super().setup()
-        self.unconditional = self.encode_prompts([""])
         self.schedules = {steps: self.student_timesteps(steps) for steps in self.config.student_steps}
         self.teacher_timesteps = [int(t) for t in self._teacher_scheduler_timesteps()]
         self._teacher_row = None
@@ -108,15 +108,12 @@ class DistillTrainer(LoraTrainer):
         output = self.model(x_t, timesteps, encoder_hidden_states=conditions).sample.float()
         if self.config.objective == "trajectory":
             output = self.schedule.ddim_step(output, x_t, t, t_next)  # where the student's one step lands
-        return self._distance(output, target)
+        return distance(output, target, self.config.loss, self.config.huber_c)
 
     def _guided(self, teacher, x: torch.Tensor, t: int, conditions: torch.Tensor) -> torch.Tensor:
-        """The teacher's classifier-free-guided output; unconditional and conditional in one batch."""
-        batch = x.shape[0]
-        states = torch.cat([self.unconditional.expand(batch, -1, -1), conditions])
-        output = teacher(torch.cat([x, x]), torch.full((2 * batch,), t, device=x.device),
-                         encoder_hidden_states=states).sample.float()
-        unconditional, conditional = output.chunk(2)
+        """The teacher's classifier-free-guided output at --teacher_guidance."""
+        unconditional, conditional = self.teacher_outputs(teacher, x, torch.full((x.shape[0],), t, device=x.device),
+                                                          conditions)
         return unconditional + self.config.teacher_guidance * (conditional - unconditional)
 
     def _solve(self, teacher, x: torch.Tensor, t: int, t_end: int, conditions: torch.Tensor) -> torch.Tensor:
@@ -125,12 +122,6 @@ class DistillTrainer(LoraTrainer):
         for current, following in zip(path, path[1:]):
             x = self.schedule.ddim_step(self._guided(teacher, x, current, conditions), x, current, following)
         return x
-
-    def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.config.loss == "huber":
-            c = self.config.huber_c
-            return (torch.sqrt((prediction - target) ** 2 + c**2) - c).mean()
-        return torch.nn.functional.mse_loss(prediction, target)
 
     def validation_rows(self, prompts, seed):
         """The guided teacher (computed once: it never changes) above the student at each --student_steps."""

@@ -25,6 +25,7 @@ import torch
 import harness
 from harness.errors import HarnessError
 from harness.training import LoraTrainConfig, LoraTrainer, setting
+from harness.training.lora import distance
 
 SIGMA_DATA = 0.5
 #: Few-step schedules shown in validation grids.
@@ -57,7 +58,6 @@ class LcmTrainer(LoraTrainer):
 
     def setup(self) -> torch.nn.Module:
         unet = super().setup()
-        self.unconditional = self.encode_prompts([""])
         train_timesteps = len(self.schedule.alphas_cumprod)
         self.skip = train_timesteps // self.config.num_ddim_timesteps
         if self.skip < 1:
@@ -93,20 +93,12 @@ class LcmTrainer(LoraTrainer):
             # The target network is the student itself; the unwrapped UNet skips DDP's gradient bookkeeping.
             target_output = self.unwrapped_model(x_end, end, encoder_hidden_states=conditions).sample.float()
             target = self._consistency(target_output, x_end, end)
-        if self.config.loss == "huber":
-            c = self.config.huber_c
-            return (torch.sqrt((student - target) ** 2 + c**2) - c).mean()
-        return torch.nn.functional.mse_loss(student, target)
+        return distance(student, target, self.config.loss, self.config.huber_c)
 
     def _guided(self, teacher, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
                 w: torch.Tensor) -> torch.Tensor:
-        """The teacher's output guided at LCM's w; unconditional and conditional in one batch.
-
-        The guidance is linear in the output, so guiding the output guides its clean latent and noise alike.
-        """
-        states = torch.cat([self.unconditional.expand(x.shape[0], -1, -1), conditions])
-        output = teacher(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=states).sample.float()
-        unconditional, conditional = output.chunk(2)
+        """The teacher's output guided at LCM's w (linear in the output, so its clean latent and noise alike)."""
+        unconditional, conditional = self.teacher_outputs(teacher, x, t, conditions)
         return conditional + w * (conditional - unconditional)
 
     def _consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

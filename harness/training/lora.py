@@ -65,6 +65,8 @@ class LoraTrainer(LatentDiffusionTrainer):
             except ValueError as error:
                 raise HarnessError(f"--lora_target_modules {' '.join(self.config.lora_target_modules)}: {error}") from None
         unet.train()
+        # The empty prompt's states: the unconditional half of every guided teacher call.
+        self.unconditional = self.encode_prompts([""])
         return unet
 
     def save_weights(self, folder: Path) -> None:
@@ -98,3 +100,20 @@ class LoraTrainer(LatentDiffusionTrainer):
         except ValueError as error:
             raise HarnessError(f"a {steps}-step student schedule: {error}") from None
         return [int(t) for t in scheduler.timesteps] + [CLEAN]
+
+    def teacher_outputs(self, teacher, x: torch.Tensor, t: torch.Tensor,
+                        conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's unconditional and conditional outputs at (x, t), from ONE batched UNet call.
+
+        ``t`` is one timestep per sample; trainers that guide call this under ``torch.no_grad``.
+        """
+        states = torch.cat([self.unconditional.expand(x.shape[0], -1, -1), conditions])
+        output = teacher(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=states).sample.float()
+        return output.chunk(2)
+
+
+def distance(prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
+    """The training loss: pseudo-Huber sqrt(d^2 + c^2) - c (consistency models) for "huber", else MSE."""
+    if loss == "huber":
+        return (torch.sqrt((prediction - target) ** 2 + huber_c**2) - huber_c).mean()
+    return torch.nn.functional.mse_loss(prediction, target)
