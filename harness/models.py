@@ -228,3 +228,15 @@ def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
         ) from None
     if fuse:
         pipe.fuse_lora()
+
+
+def few_step_scheduler(scheduler_config):
+    """The scheduler few-step LoRAs sample with (the seed's): LCMScheduler with trailing timesteps."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+
+
+def cpu_generators(seeds) -> list[torch.Generator]:
+    """One seeded CPU generator per image: the starting noise is then the same on every device."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]

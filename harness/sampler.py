@@ -128,8 +128,7 @@ class DiffusersSampler(Sampler):
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.num_images,
-            # CPU generators make the starting noise identical on every device.
-            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
+            "generator": models.cpu_generators(request.seeds),
             "height": request.height,
             "width": request.width,
         }
@@ -181,10 +180,8 @@ class FewStepLoraSampler(DiffusersSampler):
         return models.resolve_lora(self.config.lora_path, self.config.lora_id or self.config.model.default_lora)
 
     def prepare(self, pipe) -> None:
-        from diffusers import LCMScheduler
-
         source = self.lora_source()
         models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
         self.lora_fused = self.config.speed.fuse_lora
         self.lora_label = source.location if source.weight_name is None else f"{source.location}/{source.weight_name}"
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.scheduler = models.few_step_scheduler(pipe.scheduler.config)

@@ -153,8 +153,13 @@ class LatentDiffusionTrainer(Trainer):
         pipe = StableDiffusionPipeline(**{**self.pipe.components, "scheduler": scheduler},
                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        with self.accelerator.autocast():
-            return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        num_images_per_prompt=len(seeds), generator=generators,
-                        height=self.resolution, width=self.resolution).images
+        model = self.unwrapped_model
+        was_training = model.training
+        model.eval()  # no dropout in the pictures, whatever the LoRA's config
+        try:
+            with self.accelerator.autocast():
+                return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                            num_images_per_prompt=len(seeds), generator=models.cpu_generators(seeds),
+                            height=self.resolution, width=self.resolution).images
+        finally:
+            model.train(was_training)

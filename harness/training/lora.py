@@ -88,9 +88,7 @@ class LoraTrainer(LatentDiffusionTrainer):
 
     def student_scheduler(self):
         """The scheduler local-student samples the LoRA with: LCMScheduler, trailing timesteps."""
-        from diffusers import LCMScheduler
-
-        return LCMScheduler.from_config(self.scheduler_config, timestep_spacing="trailing")
+        return models.few_step_scheduler(self.scheduler_config)
 
     def student_timesteps(self, steps: int) -> list[int]:
         """The timesteps a ``steps``-step student visits, then CLEAN."""
