@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from harness.records import write_folder_atomic
 
 if TYPE_CHECKING:
     import diffusers
@@ -199,27 +199,6 @@ def build_embedded_pipeline(seed: int = 0) -> diffusers.StableDiffusionPipeline:
     )
 
 
-def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a staging folder beside out_dir with ``write``, then rename it into place.
-
-    Readers never see a half-written folder; a builder that loses a race to another one
-    discards its own copy and returns the winner's.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
-    staging.mkdir()
-    try:
-        write(staging)
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            if not out_dir.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
 def _model_card(seed: int) -> str:
     return (
         "# harness embedded model (tiny Stable Diffusion)\n\n"
@@ -238,7 +217,7 @@ def save_embedded_model(out_dir: Path, seed: int = 0) -> Path:
         pipe.save_pretrained(folder, safe_serialization=True)
         (folder / "README.md").write_text(_model_card(seed), encoding="utf-8")
 
-    return _write_atomically(Path(out_dir), write)
+    return write_folder_atomic(Path(out_dir), write, keep_existing=True)
 
 
 def _lora_config(rank: int, alpha: int) -> peft.LoraConfig:
@@ -295,7 +274,7 @@ def save_embedded_lora(
             safe_serialization=True,
         )
 
-    return _write_atomically(Path(out_dir), write)
+    return write_folder_atomic(Path(out_dir), write, keep_existing=True)
 
 
 def embedded_cache_dir() -> Path:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -114,6 +116,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """Fill a hidden staging folder beside ``target`` with ``write``, then rename it to ``target``.
+
+    A process killed while writing leaves only the hidden folder, which no reader picks up. An existing
+    ``target`` is replaced, unless ``keep_existing``: then the folder already there wins (a cache another
+    process filled first) and the staged copy is discarded.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.parent / f".{target.name}.tmp-{tag}"
+    staging.mkdir()
+    try:
+        write(staging)
+        if not target.exists():
+            try:
+                staging.rename(target)
+            except OSError:
+                if not (keep_existing and target.is_dir()):  # lost a race to another writer
+                    raise
+        elif not keep_existing:
+            retired = target.parent / f".{target.name}.old-{tag}"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -198,7 +198,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64) 
     """
     # The staging folder and rename live with the training checkpoints; imported here because the training
     # package pulls in torch, which generating or judging shapes does not need.
-    from harness.training.checkpoints import write_atomically
+    from harness.records import write_folder_atomic
 
     out = Path(out_dir).expanduser()
     if n <= 0:
@@ -225,7 +225,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64) 
             (folder / "captions" / f"{name}.txt").write_text(caption(attrs) + "\n", encoding="utf-8")
 
     try:
-        return write_atomically(out, write)
+        return write_folder_atomic(out, write)
     except OSError as error:
         raise HarnessError(f"cannot write the data set to '{out}': {error.strerror or error}; free some space "
                            "or pass an --out on another disk.") from None

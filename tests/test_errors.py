@@ -1,6 +1,5 @@
 """Bad input and failing plugins: one clear line each, the rest of the run goes on, nothing is lost."""
 
-import json
 
 import pytest
 

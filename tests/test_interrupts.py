@@ -1,7 +1,6 @@
 """A stopped `harness bench` keeps every finished measurement, whole."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

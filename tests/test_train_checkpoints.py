@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
+from harness.records import write_folder_atomic
 from harness.training import checkpoints
 from harness.training.checkpoints import TrainingState
 
@@ -29,17 +30,17 @@ def test_latest_ignores_half_written_and_incomplete_checkpoints(tmp_path):
 
 def test_a_failed_write_leaves_the_old_folder_and_no_staging(tmp_path):
     target = tmp_path / "final"
-    checkpoints.write_atomically(target, lambda folder: (folder / "weights").write_text("old"))
+    write_folder_atomic(target, lambda folder: (folder / "weights").write_text("old"))
 
     def crash(folder):
         (folder / "weights").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoints.write_atomically(target, crash)
+        write_folder_atomic(target, crash)
     assert (target / "weights").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
-    checkpoints.write_atomically(target, lambda folder: (folder / "weights").write_text("new"))
+    write_folder_atomic(target, lambda folder: (folder / "weights").write_text("new"))
     assert (target / "weights").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
 

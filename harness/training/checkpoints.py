@@ -14,14 +14,12 @@ Nothing is pickled, so resuming from a checkpoint someone else wrote cannot run 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,30 +52,6 @@ def completed_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(folder: Path) -> Path | None:
     checkpoints = completed_checkpoints(folder)
     return checkpoints[-1][1] if checkpoints else None
-
-
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a hidden staging folder beside ``target`` with ``write``, then rename it to ``target``.
-
-    A run killed while writing leaves only the hidden folder, which no reader (and no "latest") picks up.
-    An existing ``target`` is replaced.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = target.parent / f".{target.name}.tmp-{tag}"
-    staging.mkdir()
-    try:
-        write(staging)
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{tag}"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def prune(folder: Path, keep: int) -> list[Path]:

@@ -194,7 +194,7 @@ class Trainer:
                 self._validate(step)
 
         if self.is_main:
-            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+            records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
         self.accelerator.wait_for_everyone()
         return self.checkpoint_dir / checkpoints.FINAL
 
@@ -332,7 +332,7 @@ class Trainer:
                 self.save_weights(folder)
                 state.save(folder)
 
-            checkpoints.write_atomically(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
+            records.write_folder_atomic(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
             if self.config.checkpoints_total_limit is not None:
                 checkpoints.prune(self.checkpoint_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
