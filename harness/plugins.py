@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.vanilla_sd",
     "harness_plugins.local_student",
     "harness_plugins.distill",
+    "harness_plugins.pretrain",
     "harness_plugins.lcm",
     "harness_plugins.shapes",
     "harness_plugins.image_metrics",

@@ -95,7 +95,7 @@ def run_trainer(trainer_class, config, plugin_manager) -> None:
     progress.close()
     if trainer.is_main:
         click.echo(f"final weights: {final}")
-        click.echo(f"benchmark them: harness bench --sampler local-student --lora_path {final}", err=True)
+        click.echo(f"benchmark them: {trainer.benchmark_command(final)}", err=True)
 
 
 class ProgressBar:

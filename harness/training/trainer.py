@@ -124,6 +124,10 @@ class Trainer:
         """Settings the trainer decided at setup, recorded in config.json."""
         return {}
 
+    def benchmark_command(self, final: Path) -> str:
+        """The ``harness bench`` command line that samples what ``final/`` holds (shown after training)."""
+        return f"harness bench --sampler local-student --lora_path {final}"
+
     # ----- what the base class provides -----
 
     @property

@@ -1,0 +1,310 @@
+"""pretrain: a tiny Stable-Diffusion-architecture text-to-image model trained from scratch.
+
+Two stages, each a run of the shared trainer machinery (accelerate, resumable checkpoints, logs):
+
+1. ``RUN/vae``: an AutoencoderKL learns to reconstruct the images (random crops, L1 + MSE, a small KL
+   term); ``--vae_path`` skips it with a VAE trained before.
+2. ``RUN``: with the VAE frozen (its latents cached once), a UNet2DConditionModel and a CLIPTextModel over
+   the offline tokenizer of ``harness.embedded`` learn to denoise together.
+
+``final/`` is a plain diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads.
+
+What the UNet stage does, and why (measured on the shapes data; ``../shared/NOTES.md`` and the model
+card have the figures):
+
+- Zero-terminal-SNR betas with v-prediction (Lin et al., 2024, "Common Diffusion Noise Schedules and
+  Sample Steps are Flawed"). SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image at t=999: the model
+  learns to read the background colour and the layout from that leftover signal, which pure noise at
+  sampling time does not have. The pipeline samples with DDIM over trailing timesteps, as the paper asks.
+- No min-SNR weighting: for v-prediction it weighs the noisiest timesteps by SNR/(SNR+1), close to zero
+  near t=999 - exactly where the layout (where the shape goes) is decided.
+- Caption dropout (``--caption_dropout``) so that classifier-free guidance has an unconditional model.
+- ``fidelity.jsonl``: the prompt-fidelity judge on the held-out prompts every ``--eval_every`` steps,
+  attribute by attribute, so a recipe change shows what it moved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import harness
+from harness import embedded, judge, records, shapes
+from harness.errors import HarnessError
+from harness.training import LatentDiffusionTrainer, NoiseSchedule, Trainer, TrainConfig, setting
+from harness.training.checkpoints import FINAL
+
+FIDELITY_LOG = "fidelity.jsonl"
+VAE_RUN = "vae"
+MODEL_CARD = "README.md"
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Settings of both stages. The shared ones (batch size, learning rate, ...) are the UNet stage's."""
+
+    run_name: str = setting("embedded", "Folder name of this run inside --output_dir.")
+    max_steps: int = setting(6000, "UNet optimizer steps.", minimum=1)
+    batch_size: int = setting(32, "Images per device per micro-batch (both stages).", minimum=1)
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", aliases=("grad_accum",),
+                                               minimum=1)
+    learning_rate: float = setting(1e-3, "AdamW learning rate of the UNet stage.", minimum=0)
+    lr_scheduler: str = setting("cosine", "Learning-rate schedule of the UNet stage (diffusers.optimization).",
+                                choices=TrainConfig.__dataclass_fields__["lr_scheduler"].metadata["choices"])
+    lr_warmup_steps: int = setting(200, "Steps of linear warmup (UNet stage).", minimum=0)
+    cache_latents: bool = setting(True, "Encode every image with the trained VAE once, before the UNet stage.")
+    checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps (both stages).", minimum=1)
+    checkpoints_total_limit: Optional[int] = setting(2, "Keep only the newest N checkpoints.", minimum=1)
+
+    vae_path: Optional[str] = setting(None, "A trained AutoencoderKL folder: skip the VAE stage.")
+    vae_steps: int = setting(2000, "VAE optimizer steps.", minimum=1)
+    vae_learning_rate: float = setting(1e-3, "AdamW learning rate of the VAE stage.", minimum=0)
+    vae_crop: int = setting(32, "Side of the random crops the VAE trains on (a multiple of 8).", minimum=8)
+    vae_kl_weight: float = setting(1e-6, "Weight of the VAE's KL term.", minimum=0)
+    vae_channels: tuple[int, ...] = setting((32, 64, 64), "VAE block widths; each block after the first halves "
+                                                           "the resolution.", minimum=8)
+    unet_channels: tuple[int, ...] = setting((64, 128, 128), "UNet block widths; cross-attention in every block "
+                                                              "but the first.", minimum=8)
+    unet_layers_per_block: int = setting(1, "ResNet layers per UNet block.", minimum=1)
+    text_width: int = setting(64, "Hidden size of the CLIP text encoder (and the UNet's cross-attention).",
+                              minimum=8)
+    text_layers: int = setting(2, "Transformer layers of the CLIP text encoder.", minimum=1)
+    prediction_type: str = setting("v_prediction", "What the UNet predicts.", choices=("v_prediction", "epsilon"))
+    zero_terminal_snr: bool = setting(True, "Rescale SD's betas to zero terminal SNR (pure noise at t=999).")
+    caption_dropout: float = setting(0.1, "Fraction of captions replaced by the empty prompt.", minimum=0)
+    eval_every: int = setting(500, "Judge the held-out prompts every N UNet steps (and at the end).", minimum=1)
+    eval_prompts: int = setting(64, "How many of the 64 held-out prompts to judge.", minimum=1)
+    eval_steps: int = setting(30, "Sampling steps of that evaluation.", minimum=1)
+    eval_guidance: float = setting(7.5, "Guidance scale of that evaluation.", minimum=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.vae_crop % 8:
+            raise HarnessError(f"--vae_crop {self.vae_crop} is not a multiple of 8; pick e.g. 32.")
+        if not 0 <= self.caption_dropout < 1:
+            raise HarnessError(f"--caption_dropout {self.caption_dropout} must be in [0, 1); e.g. 0.1.")
+        if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
+            raise HarnessError("--vae_channels and --unet_channels need at least two widths, e.g. 64 128 128.")
+
+
+def scheduler_config(config: PretrainConfig) -> dict:
+    """SD 1.5's betas, rescaled to zero terminal SNR if asked, sampled with DDIM over trailing timesteps."""
+    return {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "rescale_betas_zero_snr": config.zero_terminal_snr, "prediction_type": config.prediction_type,
+        "timestep_spacing": "trailing" if config.zero_terminal_snr else "leading", "steps_offset": 1,
+        "clip_sample": False, "set_alpha_to_one": False,
+    }
+
+
+def build_vae(config: PretrainConfig, resolution: int):
+    from diffusers import AutoencoderKL
+
+    blocks = len(config.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=tuple(config.vae_channels),
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, layers_per_block=1, latent_channels=4,
+                         norm_num_groups=min(32, config.vae_channels[0]), sample_size=resolution)
+
+
+def build_unet(config: PretrainConfig, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    blocks = len(config.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(config.unet_channels),
+        layers_per_block=config.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.text_width, attention_head_dim=8,
+        norm_num_groups=min(32, config.unet_channels[0]))
+
+
+def build_text_encoder(config: PretrainConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        hidden_size=config.text_width, num_hidden_layers=config.text_layers,
+        num_attention_heads=max(1, config.text_width // 16), intermediate_size=4 * config.text_width,
+        max_position_embeddings=tokenizer.model_max_length, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+
+
+class VaeTrainer(Trainer):
+    """Stage 1: the AutoencoderKL alone, on random crops of the training images."""
+
+    name = "pretrain-vae"
+    weights_folder = "checkpoints"
+
+    def setup(self) -> torch.nn.Module:
+        self.vae = build_vae(self.config, self.resolution or 64).to(self.device)
+        self.resolution = self.resolution or 64
+        return self.vae
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pixels = batch["pixel_values"]
+        crop = min(self.config.vae_crop, pixels.shape[-1])
+        top, left = (int(v) for v in torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=generator,
+                                                    device=generator.device))
+        pixels = pixels[..., top:top + crop, left:left + crop]
+        posterior = self.model.encode(pixels).latent_dist
+        reconstruction = self.model.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / pixels[0].numel()
+        error = reconstruction.float() - pixels.float()
+        return error.abs().mean() + error.pow(2).mean() + self.config.vae_kl_weight * kl
+
+    def save_weights(self, folder: Path) -> None:
+        self.unwrapped_model.save_pretrained(folder, safe_serialization=True)
+
+
+class _TextToImage(torch.nn.Module):
+    """The UNet and the text encoder as one trained module, for accelerate and the checkpoints."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+class PretrainTrainer(LatentDiffusionTrainer):
+    name = "pretrain"
+    description = ("A tiny SD-architecture model from scratch: AutoencoderKL, then UNet + CLIP text encoder "
+                   "(zero-terminal-SNR v-prediction); writes a diffusers pipeline folder.")
+    config_class = PretrainConfig
+    weights_folder = "model"
+
+    def train(self) -> Path:
+        if self.config.vae_path is None:
+            vae_config = replace(self.config, run_name=f"{self.config.run_name}/{VAE_RUN}",
+                                 max_steps=self.config.vae_steps, learning_rate=self.config.vae_learning_rate,
+                                 lr_scheduler="constant", lr_warmup_steps=0, validation_prompts=())
+            vae_trainer = VaeTrainer(vae_config, self.plugin_manager, self.on_step, self._notify)
+            final = vae_trainer.checkpoint_dir / FINAL
+            if not final.is_dir():
+                self._notify(f"stage 1 of 2: the VAE ({self.config.vae_steps} steps) in '{vae_trainer.run_dir}'")
+                vae_trainer.train()
+            self.vae_folder = final
+        else:
+            self.vae_folder = Path(self.config.vae_path).expanduser()
+        self._notify(f"stage 2 of 2: UNet + text encoder ({self.config.max_steps} steps) in '{self.run_dir}'")
+        return super().train()
+
+    def setup(self) -> torch.nn.Module:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+        try:
+            vae = AutoencoderKL.from_pretrained(self.vae_folder, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise HarnessError(f"cannot load the VAE from '{self.vae_folder}': {error}; pass --vae_path with "
+                               "a folder a VAE stage wrote (RUN/vae/checkpoints/final).") from None
+        vae.requires_grad_(False)
+        tokenizer = embedded.build_tokenizer()
+        self.resolution = self.resolution or vae.config.sample_size
+        latent_side = self.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        scheduler = DDIMScheduler.from_config(scheduler_config(self.config))
+        self.pipe = StableDiffusionPipeline(
+            vae=vae.to(self.device), text_encoder=build_text_encoder(self.config, tokenizer).to(self.device),
+            tokenizer=tokenizer, unet=build_unet(self.config, latent_side).to(self.device), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scheduler_config = scheduler.config
+        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, self.device)
+        self.model_spec = None
+        self.eval_prompts = shapes.held_out_prompts()[:: max(1, 64 // self.config.eval_prompts)][: self.config.eval_prompts]
+        return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
+
+    def prepare_data(self, dataset):
+        self._set_scaling_factor(dataset)
+        return super().prepare_data(dataset)
+
+    def _set_scaling_factor(self, dataset, samples: int = 512) -> None:
+        """SD's recipe: scale latents to unit standard deviation, measured on the training images."""
+        vae = self.pipe.vae
+        vae.register_to_config(scaling_factor=1.0)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(samples, len(dataset)))),
+                                             batch_size=64)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(batch["pixel_values"].to(self.device)).latent_dist.mean
+                                 for batch in loader])
+        vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
+
+    def resolved_settings(self) -> dict:
+        return {"vae": str(self.vae_folder), "vae_scaling_factor": self.pipe.vae.config.scaling_factor,
+                "prediction_type": self.schedule.prediction_type}
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        latents = self.latents(batch, generator)
+        captions = list(batch["caption"])
+        keep = torch.rand(len(captions), generator=generator, device=generator.device) >= self.config.caption_dropout
+        captions = [text if kept else "" for text, kept in zip(captions, keep.tolist())]
+        tokens = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(self.device)
+        model = self.model
+        text_states = model.text_encoder(tokens)[0]
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        timesteps = torch.randint(0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],),
+                                  generator=generator, device=generator.device).to(latents.device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        output = model.unet(noisy, timesteps, encoder_hidden_states=text_states).sample
+        alpha, sigma = self.schedule.alpha_sigma(timesteps, latents)
+        target = alpha * noise - sigma * latents if self.schedule.prediction_type == "v_prediction" else noise
+        return torch.nn.functional.mse_loss(output.float(), target)
+
+    def benchmark_command(self, final: Path) -> str:
+        return f"harness bench --sampler vanilla-sd --model {final} --metric fidelity"
+
+    def save_weights(self, folder: Path) -> None:
+        self.pipe.save_pretrained(folder, safe_serialization=True)
+
+    def validation_rows(self, prompts: Sequence[str], seed: int):
+        return [(prompt, self.generate(prompt, self.pipe.scheduler, self.config.eval_steps,
+                                       self.config.eval_guidance, [seed, seed + 1])) for prompt in prompts]
+
+    def _report(self, report) -> None:
+        super()._report(report)
+        if report.step % self.config.eval_every == 0 or report.step == self.config.max_steps:
+            self._judge(report.step)
+
+    def _judge(self, step: int) -> None:
+        """Append the judge's scores on the held-out prompts to fidelity.jsonl."""
+        if not self.is_main:
+            return
+        prompts = self.eval_prompts
+        images = []
+        for start in range(0, len(prompts), 16):
+            chunk = prompts[start:start + 16]
+            images += self._generate_batch(chunk, seeds=range(start, start + len(chunk)))
+        scores = judge.judge_all(zip(images, prompts))
+        line = {"step": step, "sampler": f"ddim-{self.config.eval_steps}-cfg{self.config.eval_guidance}",
+                **{name: round(value, 4) for name, value in scores.items()}}
+        with open(self.run_dir / FIDELITY_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps(line) + "\n")
+        self.notify(f"step {step}: held-out fidelity {scores['overall']:.3f} "
+                    + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES))
+
+    def _generate_batch(self, prompts: Sequence[str], seeds) -> list:
+        from diffusers import StableDiffusionPipeline
+
+        from harness import models
+
+        pipe = StableDiffusionPipeline(**self.pipe.components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        model = self.unwrapped_model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return pipe(prompt=list(prompts), num_inference_steps=self.config.eval_steps,
+                            guidance_scale=self.config.eval_guidance, generator=models.cpu_generators(seeds),
+                            height=self.resolution, width=self.resolution).images
+        finally:
+            model.train(was_training)
+
+
+@harness.hookimpl
+def register_trainers(register):
+    register(PretrainTrainer)
