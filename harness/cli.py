@@ -18,6 +18,7 @@ from harness import __version__, records, report
 from harness.compare import compare_command
 from harness.errors import HarnessError
 from harness.plugins import PLUGIN_DIRS_ENV, get_registry
+from harness.prompts import load_prompts
 from harness.speed import ATTENTION_CHOICES, SpeedOptions
 from harness.timing import TimingSettings
 
@@ -134,8 +135,9 @@ def make_bench_command(registry, name: str = "bench", default_samplers: tuple[st
                      help="Sampler(s) to run; several values after one flag or a repeated flag. "
                           f"Installed: {', '.join(sorted(registry.samplers))}."),
         click.Option(["--prompt"], help="Text prompt (default: a prompt suited to the model)."),
-        click.Option(["--prompts", "prompts_file"], type=click.Path(dir_okay=False),
-                     help="File of prompts: one per line, or JSONL with a 'prompt' field."),
+        click.Option(["--prompts", "prompts_file"], metavar="FILE|SET",
+                     help="File of prompts (one per line, or JSONL with a 'prompt' field) or a built-in set: "
+                          "held-out (the embedded model's 64 evaluation prompts), seed (the demo's prompts)."),
         click.Option(["--steps"], multiple=True, type=click.IntRange(min=1), default=(2, 4, 8), show_default=True,
                      help="Inference steps of the few-step samplers, e.g. --steps 2 4 8."),
         click.Option(["--seed"], type=int, help="Random seed; also put into file names, as the seed demo does."),
@@ -217,25 +219,6 @@ GENERATED_COMMANDS = {
 }
 
 
-def read_prompts(path: str) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise HarnessError(f"cannot read prompt file '{path}': {error.__class__.__name__}; pass a UTF-8 text file.") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and all(line.startswith("{") for line in lines):
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]).strip())
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise HarnessError(f"prompt file '{path}' line {number} is not a JSON object with a 'prompt' field.") from None
-        lines = [prompt for prompt in prompts if prompt]
-    if not lines:
-        raise HarnessError(f"prompt file '{path}' holds no prompts; write one prompt per line.")
-    return lines
-
-
 def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
     from harness import models
     from harness.runner import BenchSpec
@@ -256,7 +239,7 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
     if values["prompt"] is not None and values["prompts_file"] is not None:
         raise HarnessError("pass either --prompt or --prompts, not both.")
     if values["prompts_file"] is not None:
-        prompts = read_prompts(values["prompts_file"])
+        prompts = load_prompts(values["prompts_file"])
     elif values["prompt"] is not None:
         if not values["prompt"].strip():
             raise HarnessError("--prompt is empty; give the text to draw.")

@@ -117,3 +117,24 @@ def test_eval_is_bench_with_the_student_against_the_baseline():
     assert planned["spec"]["samplers"] == ["local-student", "vanilla-sd"]
     assert [(t["sampler"], t["steps"], t["guidance_scale"]) for t in planned["tasks"]] == [
         ("vanilla-sd", 30, 7.5), ("local-student", 2, 0.0), ("local-student", 4, 0.0), ("local-student", 8, 0.0)]
+
+
+def test_built_in_prompt_sets(tmp_path, monkeypatch):
+    from harness.prompts import SEED_PROMPTS
+    from harness.shapes import held_out_prompts, parse_caption
+
+    held_out = plan("--prompts", "held-out")["spec"]["prompts"]
+    assert held_out == held_out_prompts() and len(held_out) == 64
+    assert all(parse_caption(prompt) for prompt in held_out)
+    assert plan("--prompts", "seed")["spec"]["prompts"] == list(SEED_PROMPTS)
+    # A user's file of the same name is never shadowed by a built-in set.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held-out").write_text("my own prompt\n", encoding="utf-8")
+    assert plan("--prompts", "held-out")["spec"]["prompts"] == ["my own prompt"]
+
+
+def test_unknown_prompt_set_names_the_sets():
+    result = invoke("bench", "--dry-run", "--prompts", "no-such-set")
+    assert result.exit_code == 2
+    assert "--prompts 'no-such-set' is neither a file nor a built-in prompt set" in result.output
+    assert "held-out, seed" in result.output

@@ -5,7 +5,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import expand_multi_value, read_prompts
+from harness.cli import expand_multi_value
+from harness.prompts import load_prompts
 from harness.errors import HarnessError
 from tests.conftest import invoke
 
@@ -54,7 +55,7 @@ def test_any_prompt_file_gives_prompts_or_a_clear_error(tmp_path_factory, conten
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_bytes(content)
     try:
-        prompts = read_prompts(str(path))
+        prompts = load_prompts(str(path))
     except HarnessError as error:
         assert str(error).startswith(("prompt file", "cannot read prompt file"))
         assert "\n" not in str(error)
@@ -65,7 +66,7 @@ def test_any_prompt_file_gives_prompts_or_a_clear_error(tmp_path_factory, conten
 def test_huge_prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a red circle on a blue background\n" * 200_000, encoding="utf-8")
-    assert len(read_prompts(str(path))) == 200_000
+    assert len(load_prompts(str(path))) == 200_000
 
 
 @QUICK
