@@ -11,9 +11,15 @@ uniformly from [``--w_min``, ``--w_max``] per sample (LCM-LoRA does not conditio
 The student is the consistency function f(x, t) = c_skip(t) x + c_out(t) x0_pred(x, t) of the LoRA UNet,
 with the boundary scalings of Song et al., 2023 ("Consistency Models"), c_skip = s^2 / (s^2 + u^2) and
 c_out = u / sqrt(s^2 + u^2), s = sigma_data 0.5, u = t * ``--timestep_scaling_factor``. The loss
-pulls f(x_t_n+k, t_n+k) towards the target f(x_t_n, t_n) computed by the same LoRA UNet without gradient
-(LCM's EMA target with decay 0, as LCM-LoRA trains): ``--loss huber`` (pseudo-Huber, c = ``--huber_c``) or
-``l2``. The trained LoRA samples with LCMScheduler, as ``local-student`` runs it.
+(``--loss huber``, pseudo-Huber with c = ``--huber_c``, or ``l2``) pulls f(x_t_n+k, t_n+k) towards the target
+f(x_t_n, t_n), computed without gradient. By default the target network is the LoRA UNet being trained
+(LCM's EMA target with decay 0, as LCM-LoRA trains). ``--use_target_model`` makes it LCM's EMA target
+instead: the UNet with an exponential moving average of the LoRA weights, started at the student's initial
+weights and moved after every optimizer step, ema = ``--ema_decay`` * ema + (1 - ``--ema_decay``) * lora
+(0.95 as LCM's reference script). Only the LoRA trains, so the EMA covers only the LoRA tensors; the
+checkpoints keep them, so a resumed run ends as the uninterrupted one. ``final/`` and every checkpoint's
+``pytorch_lora_weights.safetensors`` hold the trained (online) LoRA, not the EMA, as LCM-LoRA ships it.
+The trained LoRA samples with LCMScheduler, as ``local-student`` runs it.
 """
 
 from __future__ import annotations
@@ -44,11 +50,16 @@ class LcmConfig(LoraTrainConfig):
                                              minimum=0)
     loss: str = setting("huber", "Distance between the student and its target.", choices=("huber", "l2"))
     huber_c: float = setting(0.001, "The c of the pseudo-Huber loss.", minimum=0)
+    use_target_model: bool = setting(False, "Compute the target with an EMA of the LoRA weights (LCM's target "
+                                            "network) instead of the LoRA being trained.")
+    ema_decay: float = setting(0.95, "Decay of the EMA target with --use_target_model, in [0, 1).")
 
     def check(self) -> None:
         super().check()
         if self.w_min > self.w_max:
             raise HarnessError(f"--w_min {self.w_min:g} is above --w_max {self.w_max:g}.")
+        if not 0 <= self.ema_decay < 1:
+            raise HarnessError(f"--ema_decay {self.ema_decay:g} is outside [0, 1); pass e.g. 0.95 (LCM's value).")
 
 
 class LcmTrainer(LoraTrainer):
@@ -65,12 +76,67 @@ class LcmTrainer(LoraTrainer):
                                f"{train_timesteps} training timesteps.")
         # t_n+k = k, 2k, ..., N k, each minus one: the solver's last step starts at the schedule's final timestep.
         self.solver_timesteps = torch.arange(1, self.config.num_ddim_timesteps + 1, device=self.device) * self.skip - 1
+        self.ema: dict[str, torch.Tensor] | None = None  # name -> EMA of that LoRA tensor (--use_target_model)
         return unet
 
     def resolved_settings(self) -> dict:
+        target = (f"EMA of the LoRA weights, decay {self.config.ema_decay:g}" if self.config.use_target_model
+                  else "the trained LoRA without gradient (EMA decay 0)")
         return {**super().resolved_settings(),
                 "teacher_solver": f"DDIM, {self.config.num_ddim_timesteps} timesteps {self.skip} apart, "
-                                  f"w in [{self.config.w_min:g}, {self.config.w_max:g}] (cfg scale 1 + w)"}
+                                  f"w in [{self.config.w_min:g}, {self.config.w_max:g}] (cfg scale 1 + w)",
+                "target_model": target}
+
+    # ----- the EMA target (--use_target_model) -----
+
+    def _lora(self) -> dict[str, torch.nn.Parameter]:
+        """The trained (online) LoRA tensors, by their names in the unwrapped UNet."""
+        return {name: p for name, p in self.unwrapped_model.named_parameters() if p.requires_grad}
+
+    def _target_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA tensors; on first use (a new run) a copy of the student's weights, as LCM starts its target."""
+        if self.ema is None:
+            self.ema = {name: p.detach().clone() for name, p in self._lora().items()}
+        return self.ema
+
+    def after_optimizer_step(self) -> None:
+        if self.config.use_target_model:
+            weight = 1 - self.config.ema_decay
+            with torch.no_grad():
+                ema, lora = self._target_weights(), self._lora()
+                for name, average in ema.items():
+                    average.lerp_(lora[name], weight)  # decay * ema + (1 - decay) * lora
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if not self.config.use_target_model:
+            return {}
+        return {f"ema.{name}": t for name, t in self._target_weights().items()}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        saved = {name.removeprefix("ema."): t for name, t in tensors.items()}
+        if not self.config.use_target_model:
+            if saved:
+                raise HarnessError("the checkpoint was trained with --use_target_model (it holds EMA target "
+                                   "weights); resume with --use_target_model.")
+            return
+        lora = self._lora()
+        if saved.keys() != lora.keys() or any(saved[name].shape != p.shape for name, p in lora.items()):
+            raise HarnessError("the checkpoint holds no EMA target for this LoRA (it was trained without "
+                               "--use_target_model); resume without --use_target_model.")
+        self.ema = {name: saved[name].to(p.device, p.dtype) for name, p in lora.items()}
+
+    def _target_output(self, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The target network's output (call under torch.no_grad); the unwrapped UNet skips DDP's bookkeeping."""
+        unet = self.unwrapped_model
+        if not self.config.use_target_model:
+            return unet(x, t, encoder_hidden_states=conditions).sample.float()
+        # The target network is the UNet with the EMA tensors in place of its LoRA tensors. functional_call
+        # substitutes them for this one call: no second UNet in memory, no copying weights in and out each
+        # step, and the LoRA parameters, which autograd saved from the student's pass for backward, are never
+        # written in place (copy_-ing the EMA into them would break that backward pass).
+        output = torch.func.functional_call(unet, self._target_weights(), (x, t),
+                                            {"encoder_hidden_states": conditions}, strict=False)
+        return output.sample.float()
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         latents = self.latents(batch, generator)
@@ -90,9 +156,7 @@ class LcmTrainer(LoraTrainer):
             with self.base_model() as teacher:
                 guided = self._guided(teacher, x_start, start, conditions, w)
             x_end = self.schedule.ddim_step(guided, x_start, start, end)
-            # The target network is the student itself; the unwrapped UNet skips DDP's gradient bookkeeping.
-            target_output = self.unwrapped_model(x_end, end, encoder_hidden_states=conditions).sample.float()
-            target = self._consistency(target_output, x_end, end)
+            target = self._consistency(self._target_output(x_end, end, conditions), x_end, end)
         return distance(student, target, self.config.loss, self.config.huber_c)
 
     def _guided(self, teacher, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,

@@ -4,7 +4,8 @@ The seed's layout: ``RUN/lora/checkpoint-500``, ``checkpoint-1000``, ..., ``fina
 trainer's inference weights (a LoRA trainer's ``pytorch_lora_weights.safetensors``, so ``--lora_path`` takes a
 checkpoint too) and what resuming needs:
 
-- ``training_state.safetensors``: trainable parameters at full precision, optimizer tensors, RNG states;
+- ``training_state.safetensors``: trainable parameters at full precision, optimizer tensors, RNG states and
+  the trainer's own state (``extra.``: what its ``extra_state()`` returns, e.g. lcm's EMA target weights);
 - ``training_state.json``: step, samples seen, seed, optimizer hyper-parameters, lr-scheduler and
   grad-scaler state, Python and NumPy RNG states.
 

@@ -6,7 +6,11 @@ and supplies four things:
 - ``setup()``: load the models and return the module whose ``requires_grad`` parameters train;
 - ``compute_loss(batch, generator)``: the loss of one micro-batch, drawing all randomness from ``generator``;
 - ``save_weights(folder)``: the inference artifact written into every checkpoint and into ``final/``;
-- optionally ``prepare_data(dataset)``, ``validation_rows(prompts, seed)`` and ``resolved_settings()``.
+- optionally ``prepare_data(dataset)``, ``validation_rows(prompts, seed)`` and ``resolved_settings()``;
+- optionally state of its own that changes as it trains (e.g. lcm's EMA target weights): ``after_optimizer_step()``
+  runs after every optimizer step, ``extra_state()`` returns the tensors a checkpoint stores for it and
+  ``load_extra_state(tensors)`` takes them back when a run resumes, so a resumed run ends as the
+  uninterrupted one does.
 
 The base class owns everything else, once for all trainers: accelerate (devices, processes, mixed precision,
 gradient accumulation), the data order, AdamW and the learning-rate schedule, gradient clipping, atomic
@@ -123,6 +127,22 @@ class Trainer:
     def resolved_settings(self) -> dict:
         """Settings the trainer decided at setup, recorded in config.json."""
         return {}
+
+    def after_optimizer_step(self) -> None:
+        """Called in every process after each optimizer step (once per --gradient_accumulation_steps
+        micro-batches, after the update), e.g. to update an EMA of the trained weights. Default: nothing."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of the trainer's own that a checkpoint must keep to resume exactly (called on the main
+        process only; stored as ``extra.NAME`` in training_state.safetensors). Default: none."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``extra_state()`` saved (CPU tensors, ``extra.`` removed), after the trained weights
+        are restored. Default: refuse a checkpoint that holds such state, as this trainer would drop it."""
+        if tensors:
+            raise HarnessError(f"the checkpoint holds trainer state this run does not use (e.g. "
+                               f"'{sorted(tensors)[0]}'); resume with the settings it was trained with.")
 
     def benchmark_command(self, final: Path) -> str:
         """The ``harness bench`` command line that samples what ``final/`` holds (shown after training)."""
@@ -247,6 +267,7 @@ class Trainer:
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
+        self.after_optimizer_step()
         run.lr_scheduler.step()
         return self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
@@ -319,6 +340,7 @@ class Trainer:
             state.tensors.update({f"param.{name}": p for name, p in run.trainable.items()})
             optimizer_tensors, optimizer_info = checkpoints.flatten_optimizer(run.optimizer.state_dict())
             state.tensors.update({f"optimizer.{name}": t for name, t in optimizer_tensors.items()})
+            state.tensors.update({f"extra.{name}": t for name, t in self.extra_state().items()})
             rng_info = {}
             for rank, rng in enumerate(rng_by_rank):
                 rng_tensors, rng_info[str(rank)] = checkpoints.rng_to_state(rank, rng)
@@ -352,6 +374,7 @@ class Trainer:
         with torch.no_grad():
             for name, parameter in trainable.items():
                 parameter.copy_(saved[name])
+        self.load_extra_state(state.with_prefix("extra."))
         run.optimizer.load_state_dict(checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
         run.lr_scheduler.load_state_dict(info["lr_scheduler"])
         if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
