@@ -256,6 +256,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
         return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
 
     def prepare_data(self, dataset):
+        self._data_size = len(dataset)
         self._set_scaling_factor(dataset)
         return super().prepare_data(dataset)
 
@@ -319,13 +320,14 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "| part | parameters (M) | |",
             "|---|---|---|",
             f"| VAE | {sizes['vae']:.2f} | widths {list(pipe.vae.config.block_out_channels)}, "
-            f"scaling factor {pipe.vae.config.scaling_factor}; {config.vae_steps} steps |",
+            f"scaling factor {pipe.vae.config.scaling_factor}; {config.vae_steps} steps on {config.vae_crop}px crops, "
+            f"then {config.vae_decoder_steps} decoder-only steps |",
             f"| UNet | {sizes['unet']:.2f} | widths {list(pipe.unet.config.block_out_channels)}, "
             f"{config.prediction_type}, zero terminal SNR: {config.zero_terminal_snr} |",
             f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {config.text_width}, "
             f"{config.text_layers} layers, trained with the UNet |",
             "",
-            f"Data: {config.data_dir or config.dataset_name}. UNet stage: batch {config.batch_size} x "
+            f"Data: {self._data_size} captioned images from {config.data_dir or config.dataset_name}. UNet stage: batch {config.batch_size} x "
             f"{config.gradient_accumulation_steps}, AdamW {config.learning_rate:g} ({config.lr_scheduler}, "
             f"{config.lr_warmup_steps} warmup steps), caption dropout {config.caption_dropout:g}, seed {self.seed}.",
         ]

@@ -1,0 +1,81 @@
+"""`harness train --plugin pretrain`: a tiny SD-architecture model from scratch, in its stages, resumable."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from harness.shapes import ATTRIBUTE_NAMES, write_dataset
+from tests.conftest import invoke
+
+# Tiny widths and a handful of steps: the stages, files and resume logic, not the quality.
+TINY = ("--vae_steps", "2", "--vae_decoder_steps", "1", "--batch_size", "4", "--vae_channels", "8", "8",
+        "--unet_channels", "32", "32", "--text_width", "16", "--eval_every", "2", "--eval_prompts", "2",
+        "--eval_steps", "2", "--checkpointing_steps", "2", "--seed", "3", "--lr_warmup_steps", "1",
+        # A schedule that does not depend on --max_steps, so a 2-step run resumed to 4 is the 4-step run.
+        "--lr_scheduler", "constant_with_warmup")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes") / "data", n=16, seed=0)
+
+
+def _train(data, output, max_steps, *extra):
+    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", output,
+                    "--max_steps", max_steps, *TINY, *extra)
+    assert result.exit_code == 0, result.output
+    return output / "embedded"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data):
+    return _train(data, tmp_path_factory.mktemp("straight"), 4)
+
+
+def test_stages_write_a_pipeline_folder_diffusers_loads(straight):
+    assert (straight / "vae" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (straight / "vae-decoder" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    final = straight / "model" / "final"
+    pipe = StableDiffusionPipeline.from_pretrained(final, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert pipe("a small red circle at the top on a blue background", num_inference_steps=2).images[0].size == (64, 64)
+    # The latents are scaled to unit standard deviation, measured on the data (SD's recipe).
+    assert pipe.vae.config.scaling_factor != 1.0
+
+
+def test_the_decoder_stage_keeps_the_encoder(straight):
+    first = load_file(straight / "vae" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors")
+    second = load_file(straight / "vae-decoder" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors")
+    encoder = [key for key in first if key.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(first[key], second[key]) for key in encoder)
+    assert any(not torch.equal(first[key], second[key]) for key in first if key.startswith("decoder."))
+
+
+def test_fidelity_is_logged_as_training_goes_and_lands_in_the_model_card(straight):
+    lines = [json.loads(line) for line in (straight / "fidelity.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert all(line["n"] == 2 and 0 <= line["overall"] <= 1 and set(ATTRIBUTE_NAMES) <= line.keys() for line in lines)
+    card = (straight / "model" / "final" / "README.md").read_text()
+    assert "harness train --plugin pretrain" in card and "| 4 |" in card
+
+
+def test_resuming_gives_the_uninterrupted_weights(tmp_path, data, straight):
+    _train(data, tmp_path, 2)
+    resumed = _train(data, tmp_path, 4, "--resume_from_checkpoint", "latest")
+    for part in ("unet", "text_encoder"):
+        name = "diffusion_pytorch_model.safetensors" if part == "unet" else "model.safetensors"
+        a = load_file(straight / "model" / "final" / part / name)
+        b = load_file(resumed / "model" / "final" / part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), part
+
+
+def test_a_bad_crop_is_one_line(tmp_path, data):
+    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", tmp_path,
+                    "--vae_crop", "12")
+    assert result.exit_code == 2
+    assert "--vae_crop 12 is not a multiple of 8" in result.output and "Traceback" not in result.output
