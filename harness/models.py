@@ -58,11 +58,9 @@ def default_model_name(device: torch.device) -> str:
 
 def resolve_model(name: str) -> ModelSpec:
     if name == "embedded":
-        from harness.embedded import ensure_embedded_lora, ensure_embedded_model
+        from harness.embedded import embedded_lora, embedded_model
 
-        return ModelSpec(
-            name, str(ensure_embedded_model()), "preset", str(ensure_embedded_lora()), EMBEDDED_PROMPT
-        )
+        return ModelSpec(name, str(embedded_model()), "preset", str(embedded_lora()), EMBEDDED_PROMPT)
     if name == "sd15":
         return ModelSpec(name, SD15_MIRROR, "preset", FLASH_SD_LORA, SD15_PROMPT)
     if name in architectures.ARCHITECTURES:
@@ -212,10 +210,10 @@ def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
         if peft_folder is not None:
             lora_io.load_peft_adapter(pipe, peft_folder)
         elif source.kind == "generated":
-            from harness.embedded import build_embedded_lora_state
+            from harness.embedded import random_lora_state
 
             rank = GENERATED_LORA_RANK
-            pipe.load_lora_weights(build_embedded_lora_state(pipe, rank=rank, alpha=rank))
+            pipe.load_lora_weights(random_lora_state(pipe, rank=rank, alpha=rank))
         else:
             pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
     except Exception as error:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""Shared test setup: no network, a private harness cache, one embedded model build per session."""
+"""Shared test setup: no network, a private harness cache, the shipped embedded model."""
 
 import os
 
@@ -27,10 +27,11 @@ def harness_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_model(harness_home):
-    from harness.embedded import ensure_embedded_lora, ensure_embedded_model
+    """The shipped embedded teacher's folder (its LoRA is checked to be there too)."""
+    from harness.embedded import embedded_lora, embedded_model
 
-    ensure_embedded_lora()
-    return ensure_embedded_model()
+    embedded_lora()
+    return embedded_model()
 
 
 def invoke(*args: str):

@@ -79,9 +79,9 @@ def test_bad_lora_paths(tmp_path, case):
 
 
 def test_lora_path_wins_over_lora_id(embedded_model):
-    from harness.embedded import ensure_embedded_lora
+    from harness.embedded import embedded_lora
 
-    lora_dir = ensure_embedded_lora()
+    lora_dir = embedded_lora()
     source = models.resolve_lora(str(lora_dir), "jasperai/flash-sd")
     assert (source.location, source.kind) == (str(lora_dir), "local")
     assert models.resolve_lora(None, "jasperai/flash-sd").kind == "hub"

@@ -59,9 +59,9 @@ def test_train_lora_sh_takes_the_seeds_arguments(shapes, tmp_path):
 
 
 def test_eval_lora_sh_splits_the_seeds_quoted_steps(tmp_path):
-    from harness.embedded import ensure_embedded_lora
+    from harness.embedded import embedded_lora
 
-    _run(["bash", REPO / "scripts" / "eval_lora.sh", "--lora_path", ensure_embedded_lora(), "--model", "embedded",
+    _run(["bash", REPO / "scripts" / "eval_lora.sh", "--lora_path", embedded_lora(), "--model", "embedded",
           "--prompt", "a red circle", "--steps", "2 4", "--seed", "42", "--outdir", tmp_path / "eval",
           "--warmup", "0", "--repeats", "1"])
     measured = [(r["sampler"], r["steps"]) for r in read_records(tmp_path / "eval")]

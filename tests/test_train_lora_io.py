@@ -16,7 +16,7 @@ RANK, ALPHA = 4, 32  # scale 8: loading at scale 1 would be far off
 
 @pytest.fixture(scope="module")
 def pipe(embedded_model):
-    return StableDiffusionPipeline.from_pretrained(embedded_model, use_safetensors=True, safety_checker=None,
+    return StableDiffusionPipeline.from_pretrained(embedded_model, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
 
 
