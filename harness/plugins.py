@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.local_student",
     "harness_plugins.distill",
     "harness_plugins.pretrain",
+    "harness_plugins.undistilled",
     "harness_plugins.lcm",
     "harness_plugins.shapes",
     "harness_plugins.image_metrics",

@@ -1,6 +1,7 @@
 """`harness bench` end to end on the embedded model: files, records, UNet counts, tables, grids."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -66,24 +67,24 @@ def test_one_record_per_measurement_with_documented_fields(compare_run):
     assert flash["comparisons"] == [{"baseline_sampler": "vanilla-sd", "baseline_steps": 30,
                                      "path": "compare_baseline30_flash4_seed42.png"}]
     baseline = by_key(records)[("vanilla-sd", 30)]
-    assert baseline["sampler_info"]["scheduler"].startswith("PNDMScheduler") and baseline["sampler_info"]["lora"] is None
+    assert baseline["sampler_info"]["scheduler"] == "DDIMScheduler (trailing)" and baseline["sampler_info"]["lora"] is None
 
 
 def test_unet_evaluations_are_counted_honestly(compare_run, embedded_model):
-    from diffusers import PNDMScheduler
+    from diffusers import DDIMScheduler
 
     records = by_key(read_records(compare_run[0]))
     for steps in (2, 4, 8):  # LCM without CFG: one UNet call of batch 1 per step
         unet = records[("flash-lcm", steps)]["unet"]
         assert unet == {"calls": steps, "batch_sizes": [1], "evaluations": steps, "evaluations_per_image": steps}
         assert len(records[("flash-lcm", steps)]["stages"]["per_step_s"]) == steps
-    # PNDM (SD 1.5's scheduler) evaluates one timestep twice to start PLMS: 31 calls for 30 steps;
-    # classifier-free guidance makes every call a batch of 2.
-    pndm = PNDMScheduler.from_pretrained(embedded_model, subfolder="scheduler")
-    pndm.set_timesteps(30)
+    # The embedded model's own scheduler (DDIM) makes one call per timestep it sets; classifier-free
+    # guidance makes every call a batch of 2. (SD 1.5's PNDM would make 31 calls for 30 steps.)
+    ddim = DDIMScheduler.from_pretrained(embedded_model, subfolder="scheduler")
+    ddim.set_timesteps(30)
     unet = records[("vanilla-sd", 30)]["unet"]
-    assert unet["calls"] == len(pndm.timesteps) == 31
-    assert unet["batch_sizes"] == [2] and unet["evaluations_per_image"] == 62
+    assert unet["calls"] == len(ddim.timesteps) == 30
+    assert unet["batch_sizes"] == [2] and unet["evaluations_per_image"] == 60
 
 
 def test_stage_breakdown_adds_up(compare_run):
@@ -177,3 +178,24 @@ def test_existing_run_folder_is_not_overwritten_by_accident(compare_run):
     assert result.exit_code == 2
     assert "already holds a run (records.jsonl); pass a new --outdir or add --overwrite" in result.output
     assert (outdir / "records.jsonl").read_bytes() == before
+
+
+def test_undistilled_is_the_base_model_on_the_few_step_schedule(tmp_path, embedded_model):
+    result = invoke("bench", "--sampler", "undistilled", "--steps", "2", "--outdir", tmp_path / "run", "--seed", "0", *FAST)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(tmp_path / "run")
+    assert record["sampler_info"]["scheduler"] == "LCMScheduler (trailing)"
+    assert record["sampler_info"]["lora"] is None and record["guidance_scale"] == 0
+    assert record["unet"]["evaluations_per_image"] == 2
+
+
+def test_lora_id_with_lora_path_gives_flash_lcm_and_local_student_one_lora_each(tmp_path, embedded_model):
+    from harness.embedded import embedded_lora
+
+    other = tmp_path / "other"
+    shutil.copytree(embedded_lora(), other)
+    result = invoke("bench", "--sampler", "flash-lcm", "local-student", "--steps", "2", "--lora_id", embedded_lora(),
+                    "--lora_path", other, "--outdir", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.output
+    loras = {record["sampler"]: record["sampler_info"]["lora"] for record in read_records(tmp_path / "run")}
+    assert loras == {"flash-lcm": str(embedded_lora()), "local-student": str(other)}

@@ -90,7 +90,7 @@ def test_prompt_file_lines_and_jsonl(tmp_path):
         (["--num_images", "0"], "0 is not in the range x>=1"),
         (["--baseline_guidance", "-1"], "-1.0 is not in the range x>=0"),
         (["--height", "100"], "--height 100 is not a multiple of 8; pick e.g. 96."),
-        (["--sampler", "nope"], "unknown sampler 'nope'; known samplers: flash-lcm, local-student, vanilla-sd."),
+        (["--sampler", "nope"], "unknown sampler 'nope'; known samplers: flash-lcm, local-student, undistilled, vanilla-sd."),
         (["--prompt", "x", "--prompts", "p.txt"], "pass either --prompt or --prompts, not both."),
         (["--prompt", "   "], "--prompt is empty"),
     ],

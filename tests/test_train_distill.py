@@ -144,14 +144,14 @@ def test_cached_latents_and_gradient_checkpointing_train_the_same_weights(embedd
 
 
 def test_lora_path_starts_the_student_from_that_lora_with_its_own_scale(embedded_model, shapes, tmp_path):
-    from harness.embedded import ensure_embedded_lora
+    from harness.embedded import embedded_lora
 
-    start = ensure_embedded_lora()  # rank 4, alpha 4: not the --lora_alpha default
+    start = embedded_lora()  # rank 8, alpha 8: not the --lora_alpha default
     result = invoke("train", "--plugin", "distill", "--model", "embedded", "--data_dir", shapes, "--max_steps", "1",
                     "--learning_rate", "0", "--lora_path", start, "--output_dir", tmp_path, *FAST)
     assert result.exit_code == 0, result.output
     run = tmp_path / "lora_student"
-    assert json.loads((run / "config.json").read_text())["resolved"]["lora"]["lora_alpha"] == 4
+    assert json.loads((run / "config.json").read_text())["resolved"]["lora"]["lora_alpha"] == 8
     _assert_same_weights(_weights(start), _weights(run / "lora" / "final"))
 
 
@@ -212,8 +212,11 @@ def _images(pipe, scheduler, steps, guidance):
 
 
 def _plain_pipeline(model_dir):
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    import torch
+
+    # The shipped weights are fp16 files: ask for fp32 on the CPU, as harness does.
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, torch_dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
