@@ -90,7 +90,7 @@ def test_steps_beyond_the_scheduler_fail_that_measurement_only(tmp_path, embedde
     assert failed["error"].endswith("pass fewer --steps.")
 
     result = invoke("bench", "--sampler", "vanilla-sd", "--baseline_steps", "1001", "--outdir", tmp_path / "b", *FAST)
-    assert "1001 steps is more than PNDMScheduler can run (the model was trained on 1000 timesteps)" in result.output
+    assert "1001 steps is more than DDIMScheduler can run (the model was trained on 1000 timesteps)" in result.output
 
 
 def test_long_prompt_is_a_warning_not_an_error(tmp_path, embedded_model):
@@ -122,9 +122,9 @@ def test_jsonl_prompt_file_without_prompt_field(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_lora_file_is_one_line(tmp_path, embedded_model, damage):
-    from harness.embedded import ensure_embedded_lora
+    from harness.embedded import embedded_lora
 
-    original = (ensure_embedded_lora() / "pytorch_lora_weights.safetensors").read_bytes()
+    original = (embedded_lora() / "pytorch_lora_weights.safetensors").read_bytes()
     lora = tmp_path / "lora"
     lora.mkdir()
     data = original[: len(original) // 2] if damage == "truncated" else b"not a safetensors file at all"

@@ -38,7 +38,7 @@ def peft_adapter(pipe, tmp_path_factory):
 def _unet_output(unet):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 16, 16, generator=generator)
-    states = torch.randn(1, 77, 32, generator=generator)
+    states = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         return unet(latents, 500, states).sample
 
