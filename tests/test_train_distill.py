@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from harness.records import read_records
+from harness.shapes import held_out_prompts, write_dataset
 from harness.report import GAP, LABEL_HEIGHT, MIN_TILE
 from harness_plugins.distill import DistillConfig, DistillTrainer
 from tests.conftest import invoke
@@ -17,6 +18,8 @@ from tests.test_train_data import write_shapes
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a green background"]
 SEEDS = [0, 1]
+# Two held-out captions (never in training data) the trained embedded model draws correctly.
+HELD_OUT = [held_out_prompts()[0], held_out_prompts()[13]]
 # Small and fast: a 4-step teacher, lr high enough to move a LoRA in 40 steps, a schedule with state.
 FAST = ("--teacher_steps", "4", "--student_steps", "2", "4", "--grad_accum", "1", "--learning_rate", "1e-3",
         "--lr_scheduler", "cosine", "--lr_warmup_steps", "5", "--seed", "7")
@@ -171,10 +174,10 @@ def test_help_lists_the_trainers_options_in_both_spellings_with_the_seeds_defaul
 def test_unknown_or_missing_plugin_lists_the_trainers():
     result = invoke("train", "--plugin", "nope", "--max_steps", "3")
     assert result.exit_code == 2
-    assert "unknown trainer 'nope'; known trainers: distill, lcm." in result.output
+    assert "unknown trainer 'nope'; known trainers: distill, lcm, pretrain." in result.output
     result = invoke("train", "--max_steps", "3")
     assert result.exit_code == 2 and "installed trainers: distill, lcm" in result.output
-    assert "Installed trainers: distill, lcm." in invoke("train", "--help").output
+    assert "Installed trainers: distill, lcm, pretrain." in invoke("train", "--help").output
 
 
 def test_data_problems_end_in_one_line(tmp_path):
@@ -189,10 +192,11 @@ def test_data_problems_end_in_one_line(tmp_path):
 # ----- the student, reloaded, and whether distillation works -----
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory, embedded_model, shapes):
-    """A short run for the 4-step student (the command-line equivalent is in the README)."""
-    config = DistillConfig(model="embedded", data_dir=str(shapes), output_dir=str(tmp_path_factory.mktemp("runs")),
-                           max_steps=80, batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+def distilled(tmp_path_factory, embedded_model):
+    """A short run for the 4-step student on captions of the embedded model's grammar."""
+    data = write_dataset(tmp_path_factory.mktemp("grammar") / "data", n=32, seed=0)
+    config = DistillConfig(model="embedded", data_dir=str(data), output_dir=str(tmp_path_factory.mktemp("runs")),
+                           max_steps=40, batch_size=4, gradient_accumulation_steps=1, learning_rate=3e-4,
                            teacher_steps=10, student_steps=(4,), seed=0, checkpointing_steps=1000)
     trainer = DistillTrainer(config, notify=lambda message: None)
     return trainer, trainer.train()
@@ -206,7 +210,7 @@ def _images(pipe, scheduler, steps, guidance):
     import torch
 
     pipe.scheduler = scheduler
-    return _pixels([image for prompt in PROMPTS for image in pipe(
+    return _pixels([image for prompt in HELD_OUT for image in pipe(
         prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=len(SEEDS),
         generator=[torch.Generator().manual_seed(seed) for seed in SEEDS]).images])
 
@@ -223,7 +227,7 @@ def _plain_pipeline(model_dir):
 
 def test_final_lora_reproduces_the_trained_students_pixels_in_plain_diffusers(distilled, embedded_model):
     trainer, final = distilled
-    live = _pixels([image for prompt in PROMPTS
+    live = _pixels([image for prompt in HELD_OUT
                     for image in trainer.generate(prompt, trainer.student_scheduler(), 4, 0.0, SEEDS)])
     pipe = _plain_pipeline(embedded_model)
     base = _images(pipe, trainer.student_scheduler(), 4, 0.0)
