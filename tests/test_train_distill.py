@@ -176,7 +176,7 @@ def test_unknown_or_missing_plugin_lists_the_trainers():
     assert result.exit_code == 2
     assert "unknown trainer 'nope'; known trainers: distill, lcm, pretrain." in result.output
     result = invoke("train", "--max_steps", "3")
-    assert result.exit_code == 2 and "installed trainers: distill, lcm" in result.output
+    assert result.exit_code == 2 and "installed trainers: distill, lcm, pretrain" in result.output
     assert "Installed trainers: distill, lcm, pretrain." in invoke("train", "--help").output
 
 
