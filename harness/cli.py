@@ -297,6 +297,9 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
         except KeyboardInterrupt:
             interrupted = True
 
+    if interrupted and run.records_path.is_file():
+        # A signal can land between a record's line and the in-memory list or summary.md: the file is the truth.
+        run.records = report.rebuild(run.outdir)
     if values["as_json"]:
         click.echo(records.dump(run.records))
     else:
