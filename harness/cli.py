@@ -14,7 +14,7 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from harness import __version__, records, report
+from harness import __version__, distributed, records, report
 from harness.compare import compare_command
 from harness.errors import HarnessError
 from harness.plugins import PLUGIN_DIRS_ENV, get_registry
@@ -270,26 +270,55 @@ def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
 
 
 def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -> None:
+    """One process, or one of several started by torchrun / accelerate launch (see harness.distributed)."""
+    world = distributed.world_from_env()
+    try:
+        _run_bench(registry, values, plugin_values, world)
+    except HarnessError as error:
+        if world.is_main:
+            raise
+        if not isinstance(error, distributed.ProcessLost):
+            sys.exit(error.exit_code)  # rank 0 says why: the same bad input, or a failure all ranks were told about
+        error.message = world.label(world.rank) + error.message  # this rank lost rank 0, which cannot say so
+        raise
+
+
+def _run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any], world) -> None:
     from harness.runner import BenchRun, plan
 
     spec = build_spec(registry, values, plugin_values)
     if values["dry_run"]:
-        tasks = plan(spec, registry)
-        click.echo(json.dumps({"spec": spec.config_dict(spec.seed), "tasks": [vars(t) for t in tasks]},
-                              indent=2, default=str))
+        if world.is_main:
+            tasks = plan(spec, registry)
+            click.echo(json.dumps({"spec": spec.config_dict(spec.seed), "tasks": [vars(t) for t in tasks]},
+                                  indent=2, default=str))
         return
-    run = BenchRun(spec, registry)  # resolves device and model first: a bad one leaves no empty folder behind
-    _prepare_outdir(spec.outdir, values["overwrite"])
-    if run.model.notice:
+
+    def start():
+        # Resolves device and model first: a bad one leaves no empty folder behind.
+        run = BenchRun(spec, registry, world=world)
+        if world.is_main:
+            _prepare_outdir(spec.outdir, values["overwrite"])
+        return run
+
+    with distributed.process_group(world):
+        _bench(distributed.together(start, world), values, world)
+
+
+def _bench(run, values: dict[str, Any], world) -> None:
+    main = world.is_main  # rank 0 reports for every rank: the others' measurements and errors reach it
+    if main and run.model.notice:
         click.echo(run.model.notice, err=True)
-    if not values["quiet"]:
-        click.echo(f"model: {run.model.name} ({run.model.location}) on {run.device}, {run.dtype}; "
-                   f"writing to {spec.outdir}", err=True)
+    quiet = values["quiet"] or not main
+    if not quiet:
+        processes = f"; {world.size} processes" if world.size > 1 else ""
+        click.echo(f"model: {run.model.name} ({run.model.location}) on {run.device}, {run.dtype}{processes}; "
+                   f"writing to {run.outdir}", err=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     interrupted = False
     with click.progressbar(length=len(run.tasks), label="bench", file=sys.stderr,
-                           hidden=values["quiet"], show_pos=True, item_show_func=lambda item: item) as bar:
+                           hidden=quiet, show_pos=True, item_show_func=lambda item: item) as bar:
         run.on_progress = lambda task: bar.update(1, f"{task.sampler} {task.steps} steps")
         run.on_warning = lambda warning: click.echo(f"\nWarning: {warning}", err=True)
         try:
@@ -297,6 +326,10 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
         except KeyboardInterrupt:
             interrupted = True
 
+    if not main:
+        if interrupted:
+            sys.exit(130)
+        return
     if interrupted and run.records_path.is_file():
         # A signal can land between a record's line and the in-memory list or summary.md: the file is the truth.
         run.records = report.rebuild(run.outdir)
@@ -304,7 +337,7 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
         click.echo(records.dump(run.records))
     else:
         click.echo(report.summary_table(run.records))
-        click.echo(f"\nrecords, images and summary.md in {spec.outdir}", err=True)
+        click.echo(f"\nrecords, images and summary.md in {run.outdir}", err=True)
     if interrupted:
         click.echo(f"interrupted: {len(run.records)} finished measurement(s) kept in {run.records_path}", err=True)
         sys.exit(130)

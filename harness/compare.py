@@ -105,11 +105,12 @@ def compare_runs(a_records: Sequence[dict[str, Any]], b_records: Sequence[dict[s
 
 def _setups(records: Sequence[dict[str, Any]]) -> set[str]:
     return {f"{r['config']['model']} on {r['environment'].get('device_name')} ({r['environment'].get('dtype')})"
+            + (f" x {r['world_size']} processes" if r.get("world_size", 1) > 1 else "")
             for r in records}
 
 
 def setup_warning(a_records: Sequence[dict[str, Any]], b_records: Sequence[dict[str, Any]]) -> str | None:
-    """A one-line warning when the runs differ in model, device or dtype: the ratios then measure that too."""
+    """One line when the runs differ in model, device, dtype or processes: the ratios then measure that too."""
     a_setups, b_setups = _setups(a_records), _setups(b_records)
     if a_setups == b_setups:
         return None

@@ -73,11 +73,24 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
         ])
     headers = ["sampler", "steps", "guidance", "UNet evals/image", "ms/image", "images/s", "stdev",
                "p90 ms/image", "first call ms", "load s", "peak MB", "speedup", "ideal speedup"]
+    if _processes(records) > 1:  # one process's images/s is its own; several add up
+        headers.append("aggregate images/s")
+        for row, record in zip(rows, records):
+            if record["status"] == "ok":
+                row.append(_rate(record["timing"].get("aggregate_images_per_s")))
     metric_names = list(dict.fromkeys(name for r in records if r["status"] == "ok" for name in r.get("metrics", {})))
     for row, record in zip(rows, records):
         if record["status"] == "ok":
             row += [_metric_cell(record["metrics"].get(name, {})) for name in metric_names]
     return tabulate(rows, headers=headers + metric_names, tablefmt="github")
+
+
+def _processes(records: Sequence[dict[str, Any]]) -> int:
+    return max((r.get("world_size", 1) for r in records if r["status"] == "ok"), default=1)
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _metric_cell(result: dict[str, Any]) -> str:
@@ -124,6 +137,14 @@ def summary_markdown(records: Sequence[dict[str, Any]]) -> str:
         "- ms/image: median call / images per call, each call bracketed by a device synchronize; stdev in % of "
         "the median; speedup: baseline ms/image / this ms/image; ideal speedup: the baseline's own stage "
         "times with only the UNet evaluations scaled",
+    ]
+    processes = _processes(records)
+    if processes > 1:
+        lines.append(f"- {processes} processes, each timing its share of the calls: ms/image, stdev and p90 over "
+                     "the calls of every rank, load and first call the median over ranks, peak memory the largest "
+                     "rank's; aggregate images/s: every measured image of every rank over the wall clock from the "
+                     "first rank's first measured call to the last rank's last")
+    lines += [
         "",
         summary_table(records),
         "",

@@ -94,6 +94,10 @@ class Measurement:
     samples: list[float]  # seconds of each measured call, in order
     outputs: list[list[Any]]  # outputs[pass][call]: what each measured call returned
     memory: dict[str, float]
+    # Wall-clock time (time.time(), comparable between processes and NTP-synced machines) at the start of
+    # the first measured call and the end of the last: several processes' throughput is measured over these.
+    started: float = 0.0
+    finished: float = 0.0
 
     @property
     def stats(self) -> Stats:
@@ -113,6 +117,7 @@ def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: 
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    started = time.time()
     try:
         passes = 0
         while passes < settings.repeats or sum(samples) < settings.min_time_s:
@@ -124,9 +129,10 @@ def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: 
             outputs.append(pass_outputs)
             passes += 1
     finally:
+        finished = time.time()
         if gc_was_enabled:
             gc.enable()
-    return Measurement(first_call_s, samples, outputs, memory.read())
+    return Measurement(first_call_s, samples, outputs, memory.read(), started, finished)
 
 
 class MemoryTracker:
