@@ -93,7 +93,7 @@ def process_group(world: World) -> Iterator[None]:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout())
     except (RuntimeError, ValueError) as error:
         raise ProcessLost(f"cannot join the other processes ({one_line(error)}); start them with "
-                           "torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT.") from None
+                          "torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT.") from None
     try:
         yield
     finally:
