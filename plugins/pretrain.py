@@ -361,7 +361,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         images = []
         for start in range(0, len(prompts), 16):
             chunk = prompts[start:start + 16]
-            images += self._generate_batch(chunk, seeds=range(start, start + len(chunk)))
+            images += self.generate(chunk, self.pipe.scheduler, self.config.eval_steps, self.config.eval_guidance,
+                                    range(start, start + len(chunk)))
         scores = judge.judge_all(zip(images, prompts))
         line = {"step": step, "sampler": f"ddim-{self.config.eval_steps}-cfg{self.config.eval_guidance}",
                 **{name: round(value, 4) for name, value in scores.items()}}
@@ -369,24 +370,6 @@ class PretrainTrainer(LatentDiffusionTrainer):
             log.write(json.dumps(line) + "\n")
         self.notify(f"step {step}: held-out fidelity {scores['overall']:.3f} "
                     + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES))
-
-    def _generate_batch(self, prompts: Sequence[str], seeds) -> list:
-        from diffusers import StableDiffusionPipeline
-
-        from harness import models
-
-        pipe = StableDiffusionPipeline(**self.pipe.components, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        model = self.unwrapped_model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return pipe(prompt=list(prompts), num_inference_steps=self.config.eval_steps,
-                            guidance_scale=self.config.eval_guidance, generator=models.cpu_generators(seeds),
-                            height=self.resolution, width=self.resolution).images
-        finally:
-            model.train(was_training)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

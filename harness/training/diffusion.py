@@ -142,9 +142,11 @@ class LatentDiffusionTrainer(Trainer):
             embeddings, _ = self.pipe.encode_prompt(list(captions), self.device, 1, do_classifier_free_guidance=False)
         return embeddings
 
-    def generate(self, prompt: str, scheduler, steps: int, guidance_scale: float,
+    def generate(self, prompt: str | Sequence[str], scheduler, steps: int, guidance_scale: float,
                  seeds: Sequence[int]) -> list[Image.Image]:
         """Images of the model as it is now (adapters included) with ``scheduler``, one per seed.
+
+        One prompt: an image of it per seed. A list of prompts: prompt i drawn with seeds[i], in one batch.
 
         CPU generators, as harness's samplers use, so the starting noise matches ``harness bench``.
         """
@@ -158,8 +160,10 @@ class LatentDiffusionTrainer(Trainer):
         model.eval()  # no dropout in the pictures, whatever the LoRA's config
         try:
             with self.accelerator.autocast():
-                return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                            num_images_per_prompt=len(seeds), generator=models.cpu_generators(seeds),
+                one_prompt = isinstance(prompt, str)
+                return pipe(prompt=prompt if one_prompt else list(prompt), num_inference_steps=steps,
+                            guidance_scale=guidance_scale, num_images_per_prompt=len(seeds) if one_prompt else 1,
+                            generator=models.cpu_generators(seeds),
                             height=self.resolution, width=self.resolution).images
         finally:
             model.train(was_training)
