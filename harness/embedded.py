@@ -153,18 +153,34 @@ def random_lora_state(
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def _shipped(folder: Path, marker: str) -> Path:
-    if not (folder / marker).is_file():
-        raise HarnessError(f"the embedded model's weights are missing ('{folder / marker}'); reinstall harness "
-                           "from a complete checkout (pip install -e .), or pass --model with another model.")
+# Every file from_pretrained and load_lora_weights read. A wheel or checkout can hold the JSON files but not
+# the weights (a package build that dropped them, a git-lfs pointer checkout), so each one is checked.
+SHIPPED_MODEL_FILES = (
+    "model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+SHIPPED_LORA_FILES = ("pytorch_lora_weights.safetensors",)
+# A git-lfs pointer file is ~130 bytes; the smallest real weights file shipped is over 100 kB.
+_MIN_WEIGHTS_BYTES = 1024
+
+
+def _shipped(folder: Path, required: Iterable[str]) -> Path:
+    for name in required:
+        path = folder / name
+        if not path.is_file() or (path.suffix == ".safetensors" and path.stat().st_size < _MIN_WEIGHTS_BYTES):
+            raise HarnessError(f"the embedded model's weights are missing ('{path}'); reinstall harness "
+                               "from a complete checkout or wheel (pip install -e . or pip install harness-*.whl "
+                               "built by python -m build), or pass --model with another model.")
     return folder
 
 
 def embedded_model() -> Path:
     """The shipped teacher: a diffusers folder for StableDiffusionPipeline.from_pretrained."""
-    return _shipped(SHIPPED_MODEL, "model_index.json")
+    return _shipped(SHIPPED_MODEL, SHIPPED_MODEL_FILES)
 
 
 def embedded_lora() -> Path:
     """The shipped few-step LoRA of the teacher (pytorch_lora_weights.safetensors), as flash-lcm loads it."""
-    return _shipped(SHIPPED_LORA, "pytorch_lora_weights.safetensors")
+    return _shipped(SHIPPED_LORA, SHIPPED_LORA_FILES)
