@@ -1,0 +1,103 @@
+"""scripts/gpu_check.sh: refuses a machine without CUDA in one line; its report catches what a GPU run can
+get wrong (missing CUDA memory figures, wrong UNet counts, an out-of-memory request that crashed)."""
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_report():
+    spec = importlib.util.spec_from_file_location("gpu_check_report", REPO / "scripts" / "gpu_check_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(sampler: str, steps: int, baseline: bool, evaluations: int, seconds: float) -> dict:
+    return {
+        "schema": "harness.record/1", "status": "ok", "sampler": sampler, "baseline": baseline, "steps": steps,
+        "guidance_scale": 7.5 if baseline else 0.0, "deterministic": True,
+        "environment": {"device": "cuda:0", "dtype": "float16"},
+        "memory": {"cuda_max_allocated_mb": 2600.0, "cuda_max_reserved_mb": 3100.0},
+        "unet": {"evaluations_per_image": evaluations},
+        "stages": {"per_step_s": [seconds / max(steps, 1)] * steps},
+        "timing": {"seconds_per_image": seconds, "images_per_s": 1 / seconds, "first_call_s": 2 * seconds},
+    }
+
+
+def _write_run(work: Path, name: str, records: list, code: int, log: str = "") -> None:
+    (work / name).mkdir(parents=True)
+    (work / name / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (work / f"{name}.exit").write_text(f"{code}\n")
+    (work / f"{name}.log").write_text(log)
+
+
+def _good_work(work: Path) -> None:
+    for name in ("plain", "channels-last", "compile", "compile-channels-last"):
+        records = [_record("vanilla-sd", 30, True, 62, 1.2)]
+        records += [_record("flash-lcm", steps, False, steps, 0.01 * steps + 0.02) for steps in (2, 4, 8)]
+        _write_run(work, name, records, 0)
+    failed = {"schema": "harness.record/1", "status": "failed", "sampler": "flash-lcm", "baseline": False, "steps": 2,
+              "error": "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications."}
+    _write_run(work, "out-of-memory", [failed], 1, "Error: flash-lcm (2 steps): CUDA out of memory: ...\n")
+
+
+def test_a_complete_gpu_run_passes_and_prints_one_table(tmp_path, gpu_report, capsys):
+    _good_work(tmp_path)
+    assert gpu_report.main(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    assert out.count("| flash-lcm ") == 12 and out.count("| vanilla-sd ") == 4
+    assert "flash-lcm 4 steps, 512x512 fp16, --compile: 60.0 ms/image, missed (<= 40 ms)" in out
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda r: r["memory"].clear(), "no CUDA memory figures"),
+    (lambda r: r["unet"].update(evaluations_per_image=8), "8 UNet evaluations per image, expected 4"),
+    (lambda r: r.update(deterministic=False), "did not give identical pixels"),
+    (lambda r: r["environment"].update(device="cpu"), "ran on cpu in float16, not cuda float16"),
+])
+def test_each_fault_of_a_record_is_one_failure_line(tmp_path, gpu_report, capsys, fault, message):
+    _good_work(tmp_path)
+    path = tmp_path / "compile" / "records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    fault(records[2])  # flash-lcm at 4 steps
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert gpu_report.main(tmp_path) == 1
+    failures = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED")]
+    assert len(failures) == 1 and failures[0].startswith("FAILED compile: flash-lcm 4 steps: ")
+    assert message in failures[0]
+
+
+def test_an_out_of_memory_crash_fails_the_check(tmp_path, gpu_report, capsys):
+    _good_work(tmp_path)
+    (tmp_path / "out-of-memory.exit").write_text("1\n")
+    (tmp_path / "out-of-memory.log").write_text("Traceback (most recent call last):\n torch.OutOfMemoryError\n")
+    (tmp_path / "out-of-memory" / "records.jsonl").write_text("")
+    assert gpu_report.main(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "FAILED out-of-memory: a traceback in" in out
+    assert "FAILED out-of-memory: no failed record saying 'CUDA out of memory'" in out
+
+
+def test_without_cuda_the_check_is_one_line(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for real")
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "work")],
+                            capture_output=True, text=True, env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: no CUDA device visible to PyTorch; run this on a GPU machine with a CUDA build of torch "
+        "(see README: GPU setup)."]
+    assert not (tmp_path / "work").exists()
