@@ -368,6 +368,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
                 **{name: round(value, 4) for name, value in scores.items()}}
         with open(self.run_dir / FIDELITY_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
+        self.log_metrics({f"fidelity/{name}": scores[name] for name in ("overall", *shapes.ATTRIBUTE_NAMES)}, step)
         self.notify(f"step {step}: held-out fidelity {scores['overall']:.3f} "
                     + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES))
 

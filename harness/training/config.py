@@ -19,6 +19,8 @@ from harness.errors import HarnessError
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 # diffusers.optimization.get_scheduler names that need no extra arguments.
 LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# The experiment trackers harness sets up (folders, images, config), as diffusers' --report_to names them.
+REPORT_TO_CHOICES = ("none", "tensorboard", "wandb", "mlflow", "all")
 
 
 def setting(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
@@ -79,6 +81,11 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = setting(
         (), "Prompts for validation grids (several after one flag; none: no validation).")
     validation_every: int = setting(500, "Write a validation grid every N steps (and at the end).", minimum=1)
+    report_to: str = setting(
+        "none", "Also log loss, learning rate, seconds per step, validation grids and the config to a tracker "
+                "(all: each of them that is installed); local files go to RUN/trackers.", choices=REPORT_TO_CHOICES)
+    tracker_project_name: Optional[str] = setting(
+        None, "wandb project / mlflow experiment that --report_to logs the run into (default: the run name).")
 
     def check(self) -> None:
         """Refuse contradictory settings with one line that says what to pass instead."""

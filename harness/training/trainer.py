@@ -14,14 +14,16 @@ and supplies four things:
 
 The base class owns everything else, once for all trainers: accelerate (devices, processes, mixed precision,
 gradient accumulation), the data order, AdamW and the learning-rate schedule, gradient clipping, atomic
-and resumable checkpoints, ``train_log.jsonl``, ``config.json`` and validation grids. Only the main process
-writes files.
+and resumable checkpoints, ``train_log.jsonl``, ``config.json``, validation grids and the experiment trackers
+of ``--report_to`` (accelerate's: loss, learning rate, seconds per step, validation grids and the config,
+under ``RUN/trackers``). Only the main process writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -30,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from harness import records, report
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.training import checkpoints
 from harness.training.checkpoints import TrainingState
 from harness.training.config import TrainConfig
@@ -43,6 +46,84 @@ from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_
 CONFIG_FILE = "config.json"
 LOG_FILE = "train_log.jsonl"
 VALIDATION_FOLDER = "validation"
+TRACKERS_FOLDER = "trackers"
+#: What installs each tracker of --report_to, for the error that says it is missing.
+TRACKER_INSTALL = {
+    "tensorboard": 'pip install "harness[train]" (or pip install tensorboard)',
+    "wandb": "pip install wandb",
+    "mlflow": "pip install mlflow",
+}
+#: What to do when an installed tracker cannot start, besides training without it.
+TRACKER_FIX = {
+    "tensorboard": "check that the run folder can be written",
+    "wandb": "log in with wandb login, or set WANDB_MODE=offline to keep the run in RUN/trackers/wandb",
+    "mlflow": "check MLFLOW_TRACKING_URI, or unset it to keep the run in RUN/trackers/mlflow.db",
+}
+
+
+def tracker_available(name: str) -> bool:
+    """Whether tracker ``name``'s package is installed, as accelerate checks it: an installed distribution, not
+    just a folder of that name (wandb leaves ./wandb). Its own function, so tests can pretend it is missing."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}[name]()
+
+
+def resolve_report_to(report_to: str) -> list[str]:
+    """The trackers ``--report_to`` asks for: ``all`` is each one installed; a named one that is not installed
+    is refused here, before any model loads or any file is written."""
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        return [name for name in TRACKER_INSTALL if tracker_available(name)]
+    if report_to not in TRACKER_INSTALL:
+        raise HarnessError(f"--report_to {report_to} is not a tracker harness knows; pass one of "
+                           f"{', '.join(TRACKER_INSTALL)}, all or none.")
+    if not tracker_available(report_to):
+        raise HarnessError(f"--report_to {report_to} needs the {report_to} package; install it with "
+                           f"{TRACKER_INSTALL[report_to]}.")
+    return [report_to]
+
+
+def flat_config(document: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """config.json as one level of dotted keys: tensorboard's hparams take only bool, int, float and str, and
+    mlflow's params only flat names, so lists and None become JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def _remove_new_files(folder: Path, existing: set[Path], created: Path | None) -> None:
+    """Delete what appeared in ``folder`` since ``existing`` was listed, or the outermost folder ``created``
+    for it, so a tracker that failed to start leaves the run folder byte for byte as it was."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for path in sorted(set(folder.rglob("*")) - existing, key=lambda path: len(path.parts)):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _mlflow_server() -> bool:
+    """Whether the user points mlflow at a store of their own; else harness keeps its runs in RUN/trackers."""
+    return "MLFLOW_TRACKING_URI" in os.environ
+
+
+def _started(tracker) -> bool:
+    """Whether a tracker's start() ran: accelerate's trackers make their run object (``.tracker``) there."""
+    try:
+        return tracker.tracker is not None
+    except AttributeError:
+        return False
 
 
 @dataclass
@@ -54,6 +135,7 @@ class StepReport:
     loss: float
     lr: float
     seconds: float  # training time since the run began, across resumes
+    step_seconds: float  # of this step: from the previous report (or the loop's start) to this one
 
     def as_dict(self) -> dict:
         return {"step": self.step, "loss": self.loss, "lr": self.lr, "seconds": round(self.seconds, 3)}
@@ -97,6 +179,7 @@ class Trainer:
         self.on_step = on_step or (lambda report: None)
         self._notify = notify or (lambda message: print(message, file=sys.stderr))
         self.resolution = config.resolution  # setup() fills it in when the model decides it
+        self.tracker_names = resolve_report_to(config.report_to)
 
     # ----- what a trainer supplies -----
 
@@ -179,6 +262,9 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         for line in examples.skipped:
             self.notify(f"skipped {line}")
+        if config.report_to == "all" and not self.tracker_names:
+            self.notify(f"--report_to all: none of {', '.join(TRACKER_INSTALL)} is installed; the run logs to "
+                        f"{LOG_FILE} only.")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32)
@@ -188,8 +274,22 @@ class Trainer:
         run, dataset = self._build(examples)
         if resumed is not None:
             self._restore(resumed, resume_folder, run)
-        self._write_config(examples, resume_folder, run.progress)
+        document = self._config_document(examples, resume_folder) if self.is_main else None
+        # Before config.json is written: a tracker that cannot start leaves the run folder as it was.
+        self._start_trackers(document, run.progress.step)
+        try:
+            self._write_config(document, resume_folder, run.progress)
+            self._train_steps(run, dataset)
+            if self.is_main:
+                records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+        finally:
+            self._finish_trackers()
+        self.accelerator.wait_for_everyone()
+        return self.checkpoint_dir / checkpoints.FINAL
 
+    def _train_steps(self, run: RunState, dataset: torch.utils.data.Dataset) -> None:
+        """The optimizer steps from where ``run`` stands to --max_steps, with logs, checkpoints and validation."""
+        config = self.config
         sampler = StreamBatchSampler(len(dataset), config.batch_size, self.seed, run.progress.samples_seen,
                                      self.accelerator.process_index, self.accelerator.num_processes)
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
@@ -210,17 +310,13 @@ class Trainer:
                                    f"--max_grad_norm, or train with --mixed_precision no. {self._last_checkpoint_line()}")
             run.progress.step = step
             run.progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
-            run.progress.seconds = time.perf_counter() - started
-            self._report(StepReport(step, config.max_steps, loss, lr, run.progress.seconds))
+            seconds = time.perf_counter() - started
+            step_seconds, run.progress.seconds = seconds - run.progress.seconds, seconds
+            self._report(StepReport(step, config.max_steps, loss, lr, seconds, step_seconds))
             if step % config.checkpointing_steps == 0:
                 self._save_checkpoint(run)
             if config.validation_prompts and (step % config.validation_every == 0 or step == config.max_steps):
                 self._validate(step)
-
-        if self.is_main:
-            records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
-        self.accelerator.wait_for_everyone()
-        return self.checkpoint_dir / checkpoints.FINAL
 
     def _last_checkpoint_line(self) -> str:
         latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
@@ -278,10 +374,86 @@ class Trainer:
         on_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
         requested = self.config.mixed_precision or ("no" if on_cpu else "fp16")
         accelerator = Accelerator(mixed_precision="no" if on_cpu else requested, cpu=on_cpu,
-                                  gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+                                  gradient_accumulation_steps=self.config.gradient_accumulation_steps,
+                                  log_with=self._make_trackers() or None)
         if on_cpu and requested != "no" and accelerator.is_main_process:
             self._notify(f"--mixed_precision {requested} needs CUDA; training in full precision on the CPU.")
         return accelerator
+
+    @property
+    def tracker_project(self) -> str:
+        """The wandb project / mlflow experiment: --tracker_project_name, else the run name; a stage nested in
+        another run's folder (pretrain's RUN/vae) reports to that run's project."""
+        return self.config.tracker_project_name or Path(self.config.run_name).parts[0]
+
+    def _make_trackers(self) -> list:
+        """accelerate's trackers for --report_to, built here so every local file lands in RUN/trackers: accelerate
+        would name tensorboard's folder after the project, and wandb and mlflow default to the working folder."""
+        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+        folder, run_name, project = self.run_dir / TRACKERS_FOLDER, self.config.run_name, self.tracker_project
+        artifacts = None if _mlflow_server() else str(folder.resolve() / "mlartifacts")
+        build = {
+            "tensorboard": lambda: TensorBoardTracker("tensorboard", folder),
+            "wandb": lambda: WandBTracker(project, name=run_name, dir=str(folder)),
+            "mlflow": lambda: MLflowTracker(project, logging_dir=artifacts, run_name=run_name),
+        }
+        return [build[name]() for name in self.tracker_names]
+
+    def _start_trackers(self, document: dict | None, step: int) -> None:
+        """Start the trackers with the config (on the main process, as accelerate does). One that cannot start
+        ends the run in one line, in every process, and takes back every file the trackers' start wrote."""
+        from accelerate.utils import broadcast_object_list
+
+        if not self.tracker_names:
+            return
+        problem = None
+        if self.is_main:
+            folder = self.run_dir / TRACKERS_FOLDER
+            created = next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
+            existing = set(folder.rglob("*"))
+            folder.mkdir(parents=True, exist_ok=True)  # wandb writes to a temporary folder when its dir is missing
+            try:
+                if "mlflow" in self.tracker_names and not _mlflow_server():
+                    import mlflow
+
+                    # mlflow's default store is in the working folder, and its file store refuses to start.
+                    mlflow.set_tracking_uri(f"sqlite:///{folder.resolve() / 'mlflow.db'}")
+                # The trackers were built with their folders and names; init_trackers starts them.
+                self.accelerator.init_trackers(self.tracker_project, config=flat_config(document))
+            except Exception as error:  # a tracker's own failure: no login, no network, a bad URI, ...
+                # The first tracker that did not start failed; with none listed yet, mlflow's set-up did.
+                trackers = self.accelerator.trackers
+                failed = next((t.name for t in trackers if not _started(t)),
+                              self.config.report_to if trackers else "mlflow")
+                self._finish_trackers()
+                _remove_new_files(folder, existing, created)
+                reason, fix = one_line(error).rstrip("."), TRACKER_FIX.get(failed, "fix what it reports")
+                problem = (f"--report_to {failed} could not start: {reason}; {fix}, or train without it "
+                           "(--report_to none).")
+            else:
+                for tracker in self.accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        # Its hparams land in a sub-run of their own, so the whole config also sits beside the
+                        # curves, indented four spaces: a code block in tensorboard's markdown.
+                        lines = json.dumps(document, indent=2, default=str).splitlines()
+                        tracker.log({"config": "\n".join("    " + line for line in lines)}, step=step)
+        problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise HarnessError(problem)
+
+    def _finish_trackers(self) -> None:
+        """Flush and close the trackers that started. Not accelerator.end_training(): it also destroys the
+        process group, which pretrain's next stage still uses."""
+        for tracker in self.accelerator.trackers:
+            if _started(tracker):
+                tracker.finish()
+        self.accelerator.trackers.clear()
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """Send numbers to the --report_to trackers at an optimizer step, e.g. a trainer's own evaluation (main
+        process only, as accelerate logs; nothing without trackers)."""
+        self.accelerator.log(values, step=step)
 
     def _resume_folder(self) -> Path | None:
         """The checkpoint to resume from; refuses to mix a new run into an earlier run's folder."""
@@ -306,6 +478,7 @@ class Trainer:
             if self.is_main:
                 shutil.rmtree(self.checkpoint_dir)
                 shutil.rmtree(self.run_dir / VALIDATION_FOLDER, ignore_errors=True)
+                shutil.rmtree(self.run_dir / TRACKERS_FOLDER, ignore_errors=True)
                 (self.run_dir / LOG_FILE).unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
         return None
@@ -329,6 +502,8 @@ class Trainer:
             return
         with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(json.dumps(report.as_dict()) + "\n")
+        self.log_metrics({"train/loss": report.loss, "train/learning_rate": report.lr,
+                          "train/seconds_per_step": report.step_seconds}, report.step)
         self.on_step(report)
 
     def _save_checkpoint(self, run: RunState) -> None:
@@ -389,12 +564,10 @@ class Trainer:
         run.progress = Progress(info["step"], info["samples_seen"], info["seconds"])
         self.notify(f"resuming from '{folder}' at step {run.progress.step}.")
 
-    def _write_config(self, examples, resume_folder: Path | None, progress: Progress) -> None:
-        if not self.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _config_document(self, examples, resume_folder: Path | None) -> dict:
+        """What config.json holds (and the trackers get): the settings, what the run resolved, the environment."""
         processes = self.accelerator.num_processes
-        document = {
+        return {
             "trainer": self.name,
             "config": self.config.to_dict(),
             "resolved": {
@@ -410,6 +583,11 @@ class Trainer:
             },
             "environment": records.environment(self.device, self.weight_dtype, self._plugin_manager()),
         }
+
+    def _write_config(self, document: dict | None, resume_folder: Path | None, progress: Progress) -> None:
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         records.write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(document, indent=2, default=str) + "\n")
         log = self.run_dir / LOG_FILE
         if resume_folder is not None and log.is_file():
@@ -431,5 +609,19 @@ class Trainer:
             if rows:
                 folder = self.run_dir / VALIDATION_FOLDER
                 folder.mkdir(parents=True, exist_ok=True)
-                records.save_image_atomic(report.comparison_grid(rows), folder / f"step-{step:06d}.png")
+                grid, path = report.comparison_grid(rows), folder / f"step-{step:06d}.png"
+                records.save_image_atomic(grid, path)
+                self._log_grid(grid, path, step)
         self.accelerator.wait_for_everyone()
+
+    def _log_grid(self, grid: Image.Image, path: Path, step: int) -> None:
+        """A validation grid to every tracker, each in the form it takes: tensorboard an array, wandb an image,
+        mlflow the written file."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({VALIDATION_FOLDER: np.asarray(grid.convert("RGB"))[None]}, step=step,
+                                   dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({VALIDATION_FOLDER: [grid]}, step=step)
+            elif tracker.name == "mlflow":
+                tracker.log_artifact(str(path), artifact_path=VALIDATION_FOLDER)
