@@ -32,14 +32,41 @@ def test_distill_training_steps(benchmark, tmp_path):
 
     def train():
         shutil.rmtree(output, ignore_errors=True)
-        result = CliRunner().invoke(cli, ["train", "--plugin", "distill", "--model", "embedded", "--data_dir", str(data),
-                                          "--max_steps", str(STEPS), "--batch_size", "1", "--grad_accum", "1",
-                                          "--teacher_steps", "50", "--output_dir", str(output), "--seed", "0"])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "train",
+                "--plugin",
+                "distill",
+                "--model",
+                "embedded",
+                "--data_dir",
+                str(data),
+                "--max_steps",
+                str(STEPS),
+                "--batch_size",
+                "1",
+                "--grad_accum",
+                "1",
+                "--teacher_steps",
+                "50",
+                "--output_dir",
+                str(output),
+                "--seed",
+                "0",
+            ],
+        )
         assert result.exit_code == 0, result.output
         log = [json.loads(line) for line in (output / "lora_student" / "train_log.jsonl").read_text().splitlines()]
         per_step.append((log[-1]["seconds"] - log[0]["seconds"]) / (len(log) - 1))
 
     benchmark.pedantic(train, rounds=3, iterations=1)
     per_step.sort()
-    benchmark.extra_info.update(seconds_per_step_median=per_step[1], steps_per_s=1 / per_step[1],
-                                objective="trajectory", teacher_steps=50, batch_size=1, resolution=64)
+    benchmark.extra_info.update(
+        seconds_per_step_median=per_step[1],
+        steps_per_s=1 / per_step[1],
+        objective="trajectory",
+        teacher_steps=50,
+        batch_size=1,
+        resolution=64,
+    )

@@ -2,70 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
+import shutil
 import signal
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 from tabulate import tabulate
 
-from harness import __version__, distributed, records, report
+from harness import __version__, distributed, html_report, records, report
+from harness.cli_support import MultiValueCommand, click_errors
 from harness.compare import compare_command
-from harness.errors import HarnessError
-from harness.plugins import PLUGIN_DIRS_ENV, get_registry
+from harness.errors import ExitCode, HarnessError
+from harness.options import build, click_options, multi_value_flags
+from harness.plugins import PLUGIN_DIRS_ENV, Registry, get_registry
 from harness.prompts import load_prompts
-from harness.speed import ATTENTION_CHOICES, SpeedOptions
+from harness.rundir import FolderLock, Replacement
+from harness.runner import MAX_SEED, BenchOptions, BenchRun, BenchSpec, plan
+from harness.speed import SpeedOptions
 from harness.timing import TimingSettings
-
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
-
-
-class MultiValueCommand(click.Command):
-    """Lets ``--steps 2 4 8`` mean ``--steps 2 --steps 4 --steps 8`` for options marked multi-value.
-
-    Click has no options with a variable number of values, so the arguments are rewritten before
-    click parses them; a repeated flag keeps working too.
-    """
-
-    def __init__(self, *args, multi_value: tuple[str, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.multi_value = set(multi_value)
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_multi_value(args, self.multi_value))
-
-
-def expand_multi_value(args: list[str], flags: set[str]) -> list[str]:
-    expanded: list[str] = []
-    flag, has_value = None, False
-    for index, arg in enumerate(args):
-        if arg == "--":
-            return expanded + args[index:]
-        if flag and (not arg.startswith("-") or _NUMBER.fullmatch(arg)):
-            if has_value:
-                expanded.append(flag)
-            expanded.append(arg)
-            has_value = True
-            continue
-        flag, has_value = None, False
-        name, _, value = arg.partition("=")
-        if name in flags:
-            flag, has_value = name, bool(value)
-        expanded.append(arg)
-    return expanded
+from harness.train_cli import train
 
 
 class HarnessGroup(click.Group):
     """Loads plugins (with the group's ``--plugin-dir``) before listing or resolving a command."""
 
-    def _registry(self, ctx: click.Context):
+    def _registry(self, ctx: click.Context) -> Registry:
         registry = get_registry(ctx.params.get("plugin_dir") or ())
-        if not getattr(registry, "commands_added", False):
+        if not registry.commands_added:
             registry.commands_added = True
             registry.pm.hook.register_commands(cli=self)
         return registry
@@ -74,18 +46,27 @@ class HarnessGroup(click.Group):
         self._registry(ctx)
         return sorted({*super().list_commands(ctx), *GENERATED_COMMANDS})
 
-    def get_command(self, ctx: click.Context, name: str):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         registry = self._registry(ctx)
         if name in GENERATED_COMMANDS:
             return GENERATED_COMMANDS[name](registry)
         return super().get_command(ctx, name)
+
+    # Parsing (including --help, which loads plugins) and running are where the core's errors surface.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with click_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with click_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=HarnessGroup)
 @click.version_option(__version__, prog_name="harness")
 @click.option("--plugin-dir", "plugin_dir", multiple=True, type=click.Path(file_okay=False),
               help=f"Also load every *.py plugin file in this folder (repeatable; or set {PLUGIN_DIRS_ENV}).")
-def cli(plugin_dir):
+def cli(plugin_dir: tuple[str, ...]) -> None:
     """Benchmark and distil few-step text-to-image diffusion samplers."""
     quiet_libraries()
 
@@ -109,12 +90,6 @@ def main() -> None:
     cli(prog_name="harness")
 
 
-def _alias(name: str) -> tuple[str, ...]:
-    """Both the click-style and the seed's spelling: ("--num-images", "--num_images")."""
-    dashed = "--" + name.replace("_", "-")
-    return (dashed,) if "_" not in name else (dashed, "--" + name)
-
-
 BENCH_HELP = """Generate images with one or more samplers and time them under one protocol.
 
 Example: harness bench --sampler flash-lcm --steps 2 4 8 --seed 42 --compare_baseline"""
@@ -127,90 +102,57 @@ records and the timing table.
 
 Example: harness eval --lora_path ./checkpoints/my_lora_student/lora/final --steps 2 4 8 --seed 42"""
 
+# The settings classes whose fields make the bench command's own options.
+CORE_OPTIONS = (BenchOptions, TimingSettings, SpeedOptions)
 
-def make_bench_command(registry, name: str = "bench", default_samplers: tuple[str, ...] = ("flash-lcm",),
+
+@dataclass(frozen=True)
+class PluginOption:
+    """A plugin's option on the bench command: which plugins declare it (the same name may be shared)."""
+
+    kind: str  # "sampler" or "metric"
+    owners: tuple[str, ...]
+
+
+def make_bench_command(registry: Registry, name: str = "bench", default_samplers: tuple[str, ...] = ("flash-lcm",),
                        always_compare: bool = False, help_text: str = BENCH_HELP) -> click.Command:
-    params = [
-        click.Option(["--sampler", "-s", "samplers"], multiple=True, default=default_samplers, show_default=True,
-                     help="Sampler(s) to run; several values after one flag or a repeated flag. "
-                          f"Installed: {', '.join(sorted(registry.samplers))}."),
-        click.Option(["--prompt"], help="Text prompt (default: a prompt suited to the model)."),
-        click.Option(["--prompts", "prompts_file"], metavar="FILE|SET",
-                     help="File of prompts (one per line, or JSONL with a 'prompt' field) or a built-in set: "
-                          "held-out (the embedded model's 64 evaluation prompts), seed (the demo's prompts)."),
-        click.Option(["--steps"], multiple=True, type=click.IntRange(min=1), default=(2, 4, 8), show_default=True,
-                     help="Inference steps of the few-step samplers, e.g. --steps 2 4 8."),
-        click.Option(["--seed"], type=int, help="Random seed; also put into file names, as the seed demo does."),
-        click.Option(["--outdir"], type=click.Path(file_okay=False),
-                     help="Output folder (default: a new results/<UTC time>-<samplers>/)."),
-        click.Option([*_alias("num_images"), "num_images"], type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Images per prompt and step setting."),
-        click.Option([*_alias("compare_baseline"), "compare_baseline"], is_flag=True,
-                     help="Also run vanilla-sd and write comparison grids (baseline top, few-step bottom)."),
-        click.Option([*_alias("baseline_steps"), "baseline_steps"], type=click.IntRange(min=1), default=30,
-                     show_default=True, help="Steps of baseline samplers."),
-        click.Option([*_alias("baseline_guidance"), "baseline_guidance"], type=click.FloatRange(min=0), default=7.5,
-                     show_default=True, help="Guidance scale of baseline samplers."),
-        click.Option([*_alias("baseline_outdir"), "baseline_outdir"], type=click.Path(file_okay=False),
-                     help="Folder for baseline images (default: OUTDIR/baseline)."),
-        click.Option([*_alias("lora_path"), "lora_path"],
-                     help="Local LoRA folder or .safetensors file; takes precedence over --lora_id."),
-        click.Option([*_alias("lora_id"), "lora_id"],
-                     help="Hub LoRA id (default: jasperai/flash-sd on SD 1.5, the shipped LoRA on embedded)."),
-        click.Option(["--model"], help="sd15, sd15-arch (random weights, timing only), embedded, a hub id or a "
-                                       "diffusers folder "
-                                       "(default: sd15 with CUDA, else embedded)."),
-        click.Option(["--dtype"], type=click.Choice(["float16", "bfloat16", "float32", "fp16", "bf16", "fp32"]),
-                     help="Default: float16 on CUDA, float32 elsewhere."),
-        click.Option(["--device"], help="cpu, cuda, cuda:N or mps (default: cuda when available)."),
-        click.Option(["--height"], type=click.IntRange(min=8), help="Image height in pixels, a multiple of 8."),
-        click.Option(["--width"], type=click.IntRange(min=8), help="Image width in pixels, a multiple of 8."),
-        click.Option(["--warmup"], type=click.IntRange(min=0), default=2, show_default=True,
-                     help="Unrecorded calls after the first call."),
-        click.Option(["--repeats"], type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Measured passes over the prompts."),
-        click.Option([*_alias("min_time"), "min_time"], type=click.FloatRange(min=0), default=0.0,
-                     help="Keep measuring until this many seconds are recorded."),
-        click.Option(["--metric", "metrics"], multiple=True,
-                     help="Quality metric(s) scored on every measurement's images, outside the timed region "
-                          f"(several values or a repeated flag). Installed: {', '.join(sorted(registry.metrics))}."),
-        click.Option(["--batch"], type=click.IntRange(min=1),
-                     help="Images per pipeline call (default: all --num_images in one call)."),
-        click.Option(["--compile"], is_flag=True,
-                     help="torch.compile the UNet and VAE decoder (compile time lands in first_call_s)."),
-        click.Option([*_alias("channels_last"), "channels_last"], is_flag=True,
-                     help="Channels-last memory format for the UNet and VAE."),
-        click.Option(["--attention"], type=click.Choice(ATTENTION_CHOICES), default="default", show_default=True,
-                     help="Attention kernel: diffusers' default, torch SDPA, or plain matmul + softmax."),
-        click.Option([*_alias("no_fuse"), "no_fuse"], is_flag=True,
-                     help="Keep the LoRA unfused (to measure what fusing buys)."),
-        click.Option([*_alias("vae_slicing"), "vae_slicing"], is_flag=True, help="Decode a batch one image at a time."),
-        click.Option([*_alias("vae_tiling"), "vae_tiling"], is_flag=True, help="Decode large images tile by tile."),
-        click.Option(["--overwrite"], is_flag=True, help="Replace the records of an earlier run in --outdir."),
-        click.Option(["--dry-run"], is_flag=True, help="Print the plan as JSON and exit without loading models."),
-        click.Option(["--json", "as_json"], is_flag=True, help="Print the records as JSON instead of the table."),
-        click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar."),
-    ]
+    params = [param for options_class in CORE_OPTIONS for param in click_options(options_class)]
+    installed: dict[str, Mapping[str, object]] = {"samplers": registry.samplers, "metrics": registry.metrics}
+    for param in params:
+        if param.name == "samplers":
+            param.default = default_samplers
+        if param.name in installed:
+            param.help = f"{param.help} Installed: {', '.join(sorted(installed[param.name])) or 'none'}."
     core_names = {param.name for param in params}
-    # A plugin's own options join the command; their values reach the plugin by parameter name.
-    declared: dict[str, list[str]] = {"sampler": [], "metric": []}
+    # A plugin's own options join the command; their values reach the plugin typed, through its Options.
+    plugin_options: dict[str, PluginOption] = {}
     for kind, table in (("sampler", registry.samplers), ("metric", registry.metrics)):
         for entry in table.values():
-            for option in getattr(entry.cls, "options", []):
+            for option in click_options(entry.cls.Options):
                 if option.name in core_names:
                     raise HarnessError(f"{kind} '{entry.name}' ({entry.source}) declares option --{option.name}, "
                                        "which harness already has; rename it in the plugin.")
-                if all(option.name not in names for names in declared.values()):
-                    declared[kind].append(option.name)
+                if option.name in plugin_options:
+                    known = plugin_options[option.name]
+                    plugin_options[option.name] = PluginOption(known.kind, (*known.owners, entry.name))
+                else:
+                    plugin_options[option.name] = PluginOption(kind, (entry.name,))
                     params.append(option)
 
     def callback(**values: Any) -> None:
-        plugin_values = {kind: {option: values.pop(option) for option in names} for kind, names in declared.items()}
-        values["compare_baseline"] = values["compare_baseline"] or always_compare
-        run_bench(registry, values, plugin_values)
+        context = click.get_current_context()
+        given = {name for name in plugin_options
+                 if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+        plugin_values = {name: values.pop(name) for name in plugin_options}
+        options = build(BenchOptions, values)
+        if always_compare:
+            options = dataclasses.replace(options, compare_baseline=True)
+        spec = build_spec(registry, options, build(TimingSettings, values), build(SpeedOptions, values),
+                          plugin_values, {name: plugin_options[name] for name in given})
+        run_bench(registry, spec, options)
 
-    return MultiValueCommand(name, params=params, callback=callback, multi_value=("--sampler", "-s", "--steps", "--metric"),
-                             help=help_text)
+    return MultiValueCommand(name, params=params, callback=callback, help=help_text,
+                             multi_value=[flag for cls in CORE_OPTIONS for flag in multi_value_flags(cls)])
 
 
 GENERATED_COMMANDS = {
@@ -219,61 +161,68 @@ GENERATED_COMMANDS = {
 }
 
 
-def build_spec(registry, values: dict[str, Any], plugin_values: dict[str, Any]):
+def build_spec(registry: Registry, options: BenchOptions, timing_settings: TimingSettings, speed: SpeedOptions,
+               plugin_values: dict[str, Any], given: dict[str, PluginOption]) -> BenchSpec:
+    """Check every option against the others before anything loads, and resolve them into a BenchSpec."""
     from harness import models
-    from harness.runner import BenchSpec
 
-    samplers = list(dict.fromkeys(values["samplers"]))
+    samplers = list(dict.fromkeys(options.samplers))
     for name in samplers:
         registry.sampler(name)
-    for name in values["metrics"]:
+    for name in options.metrics:
         registry.metric(name)
-    if values["compare_baseline"] and not any(registry.sampler(n).cls.is_baseline for n in samplers):
+    if options.compare_baseline and not any(registry.sampler(n).cls.is_baseline for n in samplers):
         samplers.append("vanilla-sd")
-    for side in ("height", "width"):
-        if values[side] is not None and values[side] % 8:
-            raise HarnessError(f"--{side} {values[side]} is not a multiple of 8; pick e.g. {values[side] // 8 * 8 or 8}.")
-    if values["batch"] is not None and values["num_images"] % values["batch"]:
-        raise HarnessError(f"--num_images {values['num_images']} is not a multiple of --batch {values['batch']}; "
+        registry.sampler("vanilla-sd")
+    selected = {"sampler": set(samplers), "metric": set(options.metrics)}
+    for name, option in given.items():
+        if not selected[option.kind] & set(option.owners):
+            owners = ", ".join(f"'{owner}'" for owner in option.owners)
+            flag = "--sampler" if option.kind == "sampler" else "--metric"
+            raise HarnessError(f"--{name.replace('_', '-')} is an option of {option.kind} {owners}, which this run "
+                               f"does not use; add {flag} {option.owners[0]}, or leave the option out.")
+    for side, value in (("height", options.height), ("width", options.width)):
+        if value is not None and value % 8:
+            raise HarnessError(f"--{side} {value} is not a multiple of 8; pick e.g. {value // 8 * 8 or 8}.")
+    if options.batch is not None and options.num_images % options.batch:
+        raise HarnessError(f"--num_images {options.num_images} is not a multiple of --batch {options.batch}; "
                            "make it one, so every call has the same size.")
-    if values["prompt"] is not None and values["prompts_file"] is not None:
+    if options.prompt is not None and options.prompts_file is not None:
         raise HarnessError("pass either --prompt or --prompts, not both.")
-    if values["prompts_file"] is not None:
-        prompts = load_prompts(values["prompts_file"])
-    elif values["prompt"] is not None:
-        if not values["prompt"].strip():
+    prompts: list[str] = []
+    if options.prompts_file is not None:
+        prompts = load_prompts(options.prompts_file)
+    elif options.prompt is not None:
+        if not options.prompt.strip():
             raise HarnessError("--prompt is empty; give the text to draw.")
-        prompts = [values["prompt"]]
-    else:
-        prompts = None
+        prompts = [options.prompt]
+    if options.seed is not None and options.seed + max(len(prompts), 1) * options.num_images - 1 > MAX_SEED:
+        raise HarnessError(f"--seed {options.seed} is too large: image i of prompt p draws from seed + p * "
+                           f"num_images + i, which must stay at most 2**64-1; pick a smaller --seed.")
 
-    model_name = values["model"] or models.default_model_name(models.resolve_device(values["device"]))
-    outdir = values["outdir"]
+    model_name = options.model or models.default_model_name(models.resolve_device(options.device))
+    outdir = options.outdir
     if outdir is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        outdir = Path("results") / f"{stamp}-{'-'.join(samplers)}"
+        outdir = str(Path("results") / f"{stamp}-{'-'.join(samplers)}")
+    sampler_options = {name: build(registry.sampler(name).cls.Options, plugin_values) for name in samplers}
+    metric_options = {name: build(registry.metric(name).cls.Options, plugin_values) for name in options.metrics}
     return BenchSpec(
-        samplers=samplers, steps=list(dict.fromkeys(values["steps"])), prompts=prompts or [], model=model_name,
-        outdir=Path(outdir), num_images=values["num_images"], seed=values["seed"],
-        baseline_steps=values["baseline_steps"], baseline_guidance=values["baseline_guidance"],
-        baseline_outdir=Path(values["baseline_outdir"]) if values["baseline_outdir"] else None,
-        lora_path=values["lora_path"], lora_id=values["lora_id"], device=values["device"], dtype=values["dtype"],
-        height=values["height"], width=values["width"],
-        timing=TimingSettings(values["warmup"], values["repeats"], values["min_time"]),
-        speed=SpeedOptions(compile=values["compile"], channels_last=values["channels_last"],
-                           attention=values["attention"], fuse_lora=not values["no_fuse"],
-                           vae_slicing=values["vae_slicing"], vae_tiling=values["vae_tiling"]),
-        batch=values["batch"],
-        sampler_options=plugin_values["sampler"],
-        metrics=list(dict.fromkeys(values["metrics"])), metric_options=plugin_values["metric"],
+        samplers=tuple(samplers), steps=tuple(dict.fromkeys(options.steps)), prompts=tuple(prompts), model=model_name,
+        outdir=Path(outdir), num_images=options.num_images, seed=options.seed,
+        baseline_steps=options.baseline_steps, baseline_guidance=options.baseline_guidance,
+        baseline_outdir=Path(options.baseline_outdir) if options.baseline_outdir else None,
+        lora_path=options.lora_path, lora_id=options.lora_id, device=options.device, dtype=options.dtype,
+        height=options.height, width=options.width, timing=timing_settings, speed=speed, batch=options.batch,
+        sampler_options=sampler_options, metrics=tuple(dict.fromkeys(options.metrics)), metric_options=metric_options,
     )
 
 
-def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -> None:
+def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> None:
     """One process, or one of several started by torchrun / accelerate launch (see harness.distributed)."""
     world = distributed.world_from_env()
     try:
-        _run_bench(registry, values, plugin_values, world)
+        launch_bench(registry, spec, options, world)
     except HarnessError as error:
         if world.is_main:
             raise
@@ -283,33 +232,51 @@ def run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any]) -
         raise
 
 
-def _run_bench(registry, values: dict[str, Any], plugin_values: dict[str, Any], world) -> None:
-    from harness.runner import BenchRun, plan
-
-    spec = build_spec(registry, values, plugin_values)
-    if values["dry_run"]:
+def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, world: distributed.World) -> None:
+    """The plan for --dry-run; otherwise the run folder (locked, an earlier run moved aside) and the run."""
+    if options.dry_run:  # the plan only: no model is resolved or loaded
         if world.is_main:
-            tasks = plan(spec, registry)
-            click.echo(json.dumps({"spec": spec.config_dict(spec.seed), "tasks": [vars(t) for t in tasks]},
-                                  indent=2, default=str))
+            tasks = plan(spec, registry, default_prompt="", seed=spec.seed or 0).tasks
+            click.echo(json.dumps({"spec": spec.config_dict(spec.seed, spec.prompts),
+                                   "tasks": [dataclasses.asdict(task) for task in tasks]}, indent=2, default=str))
         return
 
-    def start():
+    lock = FolderLock(spec.outdir, "--outdir")
+    replacement = Replacement(spec.outdir)
+
+    def start() -> BenchRun:
         # Resolves device and model first: a bad one leaves no empty folder behind.
         run = BenchRun(spec, registry, world=world)
         if world.is_main:
-            _prepare_outdir(spec.outdir, values["overwrite"])
+            created = not spec.outdir.exists()
+            lock.acquire()  # held until this process ends the run: one run per folder
+            try:
+                _prepare_outdir(spec.outdir, options.overwrite, replacement)
+            except BaseException:
+                lock.release()
+                if created:
+                    shutil.rmtree(spec.outdir, ignore_errors=True)
+                raise
+            run.on_loaded = replacement.commit  # the earlier run goes once the new one has a model
         return run
 
     with distributed.process_group(world):
-        _bench(distributed.together(start, world), values, world)
+        run = distributed.together(start, world)
+        try:
+            run_and_report(run, options, world)
+        finally:
+            if replacement.pending:  # not one sampler loaded: the earlier run stays
+                replacement.restore()
+                click.echo(f"The earlier run in '{spec.outdir}' was kept: no sampler of the new run loaded.", err=True)
+            lock.release()
 
 
-def _bench(run, values: dict[str, Any], world) -> None:
+def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.World) -> None:
+    """Measure with a progress bar, then print the table (and write the HTML page); exit codes as documented."""
     main = world.is_main  # rank 0 reports for every rank: the others' measurements and errors reach it
     if main and run.model.notice:
         click.echo(run.model.notice, err=True)
-    quiet = values["quiet"] or not main
+    quiet = options.quiet or not main
     if not quiet:
         processes = f"; {world.size} processes" if world.size > 1 else ""
         click.echo(f"model: {run.model.name} ({run.model.location}) on {run.device}, {run.dtype}{processes}; "
@@ -328,50 +295,81 @@ def _bench(run, values: dict[str, Any], world) -> None:
 
     if not main:
         if interrupted:
-            sys.exit(130)
+            sys.exit(ExitCode.INTERRUPTED)
         return
+    finished = run.records
     if interrupted and run.records_path.is_file():
         # A signal can land between a record's line and the in-memory list or summary.md: the file is the truth.
-        run.records = report.rebuild(run.outdir)
-    if values["as_json"]:
-        click.echo(records.dump(run.records))
+        try:
+            finished = report.rebuild(run.outdir, on_warning=lambda warning: _warn([warning]))
+        except HarnessError:
+            finished = []  # not one whole record reached the file
+    if options.html:
+        _warn(html_report.write_run_page(run.outdir, finished))
+    if options.as_json:
+        click.echo(records.dump(finished))
     else:
-        click.echo(report.summary_table(run.records))
-        click.echo(f"\nrecords, images and summary.md in {run.outdir}", err=True)
+        click.echo(report.summary_table(finished))
+        written = "records, images, summary.md and index.html" if options.html else "records, images and summary.md"
+        click.echo(f"\n{written} in {run.outdir}", err=True)
     if interrupted:
-        click.echo(f"interrupted: {len(run.records)} finished measurement(s) kept in {run.records_path}", err=True)
-        sys.exit(130)
+        click.echo(f"interrupted: {len(finished)} finished measurement(s) kept in {run.records_path}", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
     if run.errors:
         for error in run.errors:
             click.echo(f"Error: {error}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
-def _raise_interrupt(_signum, _frame):
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _prepare_outdir(outdir: Path, overwrite: bool) -> None:
+def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> None:
+    """Refuse a folder that holds a run (or move that run aside with --overwrite) and check it is writable."""
+    if replacement.aside.exists():  # an --overwrite run was killed before its model loaded
+        replacement.restore()
+        click.echo(f"Restored the earlier run in '{outdir}' that an interrupted --overwrite run had moved aside.",
+                   err=True)
     existing = outdir / records.RECORDS_FILE
-    if existing.exists():
+    if existing.exists() or existing.is_symlink():
         if not overwrite:
             raise HarnessError(f"'{outdir}' already holds a run ({records.RECORDS_FILE}); "
                                "pass a new --outdir or add --overwrite to replace it.")
-        existing.unlink()
+        replacement.move_aside()
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
         probe = outdir / ".harness-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise HarnessError(f"cannot write to output folder '{outdir}': {error.strerror}; pass a writable --outdir.") from None
+        raise HarnessError(f"cannot write to output folder '{outdir}': {error.strerror}; "
+                           "pass a writable --outdir.") from None
 
 
 @cli.command(name="report")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def report_command(run_dir):
+@click.argument("run_folder", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--html",
+    is_flag=True,
+    help="Also write RUN_DIR/index.html: tables, grids, plots, configuration and environment on one "
+    "self-contained page (images by relative path).",
+)
+def report_command(run_folder: str, html: bool) -> None:
     """Rebuild summary.md and every grid of RUN_DIR from its records.jsonl alone."""
-    run_records = report.rebuild(Path(run_dir))
+    run_dir = Path(run_folder)
+    try:
+        run_records = report.rebuild(run_dir, on_warning=lambda warning: _warn([warning]))
+    except OSError as error:
+        raise HarnessError(
+            f"cannot write to '{run_dir}': {error.strerror or error}; free some space or make the run folder writable."
+        ) from None
+    if html:
+        _warn(html_report.write_run_page(run_dir, run_records))
     click.echo(report.summary_table(run_records))
 
 
@@ -379,27 +377,35 @@ def report_command(run_dir):
 @click.option("--all", "show_all", is_flag=True, help="Also list every loaded plugin module and its hooks.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-def plugins_command(ctx, show_all, as_json):
+def plugins_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     """List installed samplers, trainers and metrics, and where they came from."""
-    registry = get_registry(ctx.parent.params.get("plugin_dir") or ())
-    rows = [
+    registry = get_registry(ctx.parent.params.get("plugin_dir") or () if ctx.parent else ())
+    rows: list[dict[str, str | None]] = [
         {"name": entry.name, "kind": entry.kind, "source": entry.source, "description": entry.description}
-        for table in (registry.samplers, registry.trainers, registry.metrics) for entry in table.values()
+        for table in (registry.samplers, registry.trainers, registry.metrics)
+        for entry in table.values()
     ]
-    rows += [{"name": info.name, "kind": "broken", "source": info.source, "description": info.error}
-             for info in registry.broken()]
+    rows += [
+        {"name": info.name, "kind": "broken", "source": info.source, "description": info.error}
+        for info in registry.broken()
+    ]
     if show_all:
-        rows += [{"name": info.name, "kind": "plugin", "source": info.source, "description": ", ".join(info.hooks)}
-                 for info in registry.plugins.values() if not info.error]
+        rows += [
+            {"name": info.name, "kind": "plugin", "source": info.source, "description": ", ".join(info.hooks)}
+            for info in registry.plugins.values()
+            if not info.error
+        ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(tabulate([list(row.values()) for row in rows], headers=["name", "kind", "source", "description"],
-                            tablefmt="github"))
+        click.echo(
+            tabulate(
+                [list(row.values()) for row in rows],
+                headers=["name", "kind", "source", "description"],
+                tablefmt="github",
+            )
+        )
 
 
 cli.add_command(compare_command)
-
-from harness.train_cli import train  # noqa: E402 - last, because train_cli uses this module's helpers
-
 cli.add_command(train)

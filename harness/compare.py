@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import click
 from tabulate import tabulate
 
-from harness.errors import HarnessError
-from harness.records import SCHEMA, read_records
+from harness.errors import ExitCode, HarnessError
+from harness.html_report import Side, Table, write_compare_page
+from harness.records import read_records
+from harness.schema import Measured, Record, successful
 
 
 class MeasurementKey(NamedTuple):
@@ -29,10 +32,10 @@ class MeasurementKey(NamedTuple):
     images_per_call: int
 
 
-def measurement_key(record: dict[str, Any]) -> MeasurementKey:
-    width, height = record["image_size"]
-    return MeasurementKey(record["sampler"], record["steps"], record["guidance_scale"], f"{width}x{height}",
-                          record["timing"]["images_per_call"])
+def measurement_key(record: Record, measured: Measured) -> MeasurementKey:
+    width, height = measured.image_size
+    return MeasurementKey(record.sampler, record.steps, record.guidance_scale, f"{width}x{height}",
+                          measured.timing.images_per_call)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Match:
 @dataclass(frozen=True)
 class Unmatched:
     side: str  # "A" or "B"
-    record: dict[str, Any]
+    record: Record
     reason: str
 
 
@@ -63,16 +66,14 @@ class Comparison:
     unmatched: list[Unmatched]
 
 
-def load_run(path: Path, side: str) -> list[dict[str, Any]]:
-    """The records of one side, refused with a one-line fix when they cannot be compared."""
-    records = read_records(path)
+def load_run(path: Path, side: str, on_skip: Callable[[str], None] = lambda _: None) -> list[Record]:
+    """The records of one side (a line that is not a record is skipped through ``on_skip``), refused with a
+    one-line fix when they cannot be compared."""
+    records = read_records(path, on_skip=on_skip)
     if not records:
         raise HarnessError(f"{side} '{path}' holds no records; pass the folder of a finished `harness bench` run.")
-    if any(not isinstance(record, dict) or record.get("schema") != SCHEMA for record in records):
-        raise HarnessError(f"{side} '{path}' holds lines that are not {SCHEMA} records; "
-                           "pass a records.jsonl written by `harness bench`.")
     seen: set[MeasurementKey] = set()
-    for key in (measurement_key(record) for record in records if record["status"] == "ok"):
+    for key in (measurement_key(record, measured) for record, measured in successful(records)):
         if key in seen:
             raise HarnessError(f"{side} '{path}' measures {describe(key)} twice; "
                                "compare one run per side, not records of several runs joined.")
@@ -85,31 +86,34 @@ def describe(key: MeasurementKey) -> str:
             f"{key.images_per_call} image(s)/call)")
 
 
-def compare_runs(a_records: Sequence[dict[str, Any]], b_records: Sequence[dict[str, Any]]) -> Comparison:
+def _by_key(records: Sequence[Record]) -> dict[MeasurementKey, Measured]:
+    return {measurement_key(record, measured): measured for record, measured in successful(records)}
+
+
+def compare_runs(a_records: Sequence[Record], b_records: Sequence[Record]) -> Comparison:
     """Pair the successful measurements of A and B by key; keep what has no partner and what failed."""
-    a_ok = {measurement_key(r): r for r in a_records if r["status"] == "ok"}
-    b_ok = {measurement_key(r): r for r in b_records if r["status"] == "ok"}
+    a_ok, b_ok = _by_key(a_records), _by_key(b_records)
     matched = [
-        Match(key, record["timing"]["seconds_per_image"], b_ok[key]["timing"]["seconds_per_image"])
-        for key, record in a_ok.items() if key in b_ok
+        Match(key, measured.timing.seconds_per_image, b_ok[key].timing.seconds_per_image)
+        for key, measured in a_ok.items() if key in b_ok
     ]
     unmatched = []
     for side, records, other_side, other_ok in (("A", a_records, "B", b_ok), ("B", b_records, "A", a_ok)):
         for record in records:
-            if record["status"] != "ok":
-                unmatched.append(Unmatched(side, record, f"failed: {record['error']}"))
-            elif measurement_key(record) not in other_ok:
+            if record.measured is None:
+                unmatched.append(Unmatched(side, record, f"failed: {record.error}"))
+            elif measurement_key(record, record.measured) not in other_ok:
                 unmatched.append(Unmatched(side, record, f"not in {other_side}"))
     return Comparison(matched, unmatched)
 
 
-def _setups(records: Sequence[dict[str, Any]]) -> set[str]:
-    return {f"{r['config']['model']} on {r['environment'].get('device_name')} ({r['environment'].get('dtype')})"
-            + (f" x {r['world_size']} processes" if r.get("world_size", 1) > 1 else "")
+def _setups(records: Sequence[Record]) -> set[str]:
+    return {f"{r.config.get('model')} on {r.environment.get('device_name')} ({r.environment.get('dtype')})"
+            + (f" x {r.world_size} processes" if r.world_size > 1 else "")
             for r in records}
 
 
-def setup_warning(a_records: Sequence[dict[str, Any]], b_records: Sequence[dict[str, Any]]) -> str | None:
+def setup_warning(a_records: Sequence[Record], b_records: Sequence[Record]) -> str | None:
     """One line when the runs differ in model, device, dtype or processes: the ratios then measure that too."""
     a_setups, b_setups = _setups(a_records), _setups(b_records)
     if a_setups == b_setups:
@@ -133,10 +137,10 @@ def _key_cells(key: MeasurementKey) -> list[Any]:
     return [key.sampler, key.steps, f"{key.guidance_scale:g}", key.image_size, key.images_per_call]
 
 
-def _record_cells(record: dict[str, Any]) -> list[Any]:
-    if record["status"] == "ok":
-        return _key_cells(measurement_key(record))
-    return [record["sampler"], record["steps"], f"{record['guidance_scale']:g}", "", ""]  # no size, no timing
+def _record_cells(record: Record) -> list[Any]:
+    if record.measured is not None:
+        return _key_cells(measurement_key(record, record.measured))
+    return [record.sampler, record.steps, f"{record.guidance_scale:g}", "", ""]  # no size, no timing
 
 
 def _seconds(value: float) -> str:
@@ -148,17 +152,29 @@ def _markdown(rows: list[list[Any]], headers: list[str]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def comparison_markdown(comparison: Comparison) -> str:
-    """The matched medians as a GitHub markdown table, then what was not compared, and why."""
-    rows = [[*_key_cells(match.key), _seconds(match.a_seconds_per_image),
+MATCHED_HEADERS = [*KEY_HEADERS, "A s/image", "B s/image", "B/A", "change"]
+UNMATCHED_HEADERS = ["run", *KEY_HEADERS, "s/image", "why"]
+
+
+def matched_rows(comparison: Comparison) -> list[list[Any]]:
+    """One formatted row per matched measurement, shared by the text table and the HTML page."""
+    return [[*_key_cells(match.key), _seconds(match.a_seconds_per_image),
              _seconds(match.b_seconds_per_image), f"{match.ratio:.3f}", f"{match.change_pct:+.1f}%"]
             for match in comparison.matched]
-    text = _markdown(rows, [*KEY_HEADERS, "A s/image", "B s/image", "B/A", "change"])
+
+
+def unmatched_rows(comparison: Comparison) -> list[list[Any]]:
+    """One row per measurement only one run has, or that failed, with the reason."""
+    return [[item.side, *_record_cells(item.record),
+             _seconds(item.record.measured.timing.seconds_per_image) if item.record.measured is not None else "",
+             item.reason] for item in comparison.unmatched]
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    """The matched medians as a GitHub markdown table, then what was not compared, and why."""
+    text = _markdown(matched_rows(comparison), MATCHED_HEADERS)
     if comparison.unmatched:
-        rows = [[item.side, *_record_cells(item.record),
-                 _seconds(item.record["timing"]["seconds_per_image"]) if item.record["status"] == "ok" else "",
-                 item.reason] for item in comparison.unmatched]
-        text += "\n\nNot compared:\n\n" + _markdown(rows, ["run", *KEY_HEADERS, "s/image", "why"])
+        text += "\n\nNot compared:\n\n" + _markdown(unmatched_rows(comparison), UNMATCHED_HEADERS)
     return text
 
 
@@ -166,10 +182,19 @@ def comparison_json(comparison: Comparison) -> str:
     matched = [{**match.key._asdict(), "a_seconds_per_image": match.a_seconds_per_image,
                 "b_seconds_per_image": match.b_seconds_per_image, "ratio": match.ratio,
                 "change_pct": match.change_pct} for match in comparison.matched]
-    unmatched = [{"run": item.side, "sampler": item.record["sampler"], "steps": item.record["steps"],
-                  "guidance_scale": item.record["guidance_scale"], "status": item.record["status"],
+    unmatched = [{"run": item.side, "sampler": item.record.sampler, "steps": item.record.steps,
+                  "guidance_scale": item.record.guidance_scale, "status": item.record.status,
                   "why": item.reason} for item in comparison.unmatched]
     return json.dumps({"matched": matched, "not_compared": unmatched}, indent=2)
+
+
+def write_html(out: Path, sides: Sequence[Side], comparison: Comparison, warning: str | None) -> None:
+    """The comparison page, written before any --fail-above verdict so a failing CI job still has it."""
+    tables = [Table("Compared (median seconds per image)", MATCHED_HEADERS, matched_rows(comparison))]
+    if comparison.unmatched:
+        tables.append(Table("Not compared", UNMATCHED_HEADERS, unmatched_rows(comparison)))
+    for message in write_compare_page(out, sides, tables, [warning] if warning else []):
+        click.echo(f"Warning: {message}", err=True)
 
 
 COMPARE_HELP = """Compare the timings of run A (before) with run B (after).
@@ -200,8 +225,15 @@ Example (a CI guard):
 @click.option("--fail-above", "fail_above_pct", type=click.FloatRange(min=0), metavar="PCT",
               help="Exit with code 1 when any matched median is more than PCT percent slower in B.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of tables.")
-def compare_command(run_a: Path, run_b: Path, fail_above_pct: float | None, as_json: bool) -> None:
-    a_records, b_records = load_run(run_a, "A"), load_run(run_b, "B")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.html",
+              help="Also write one self-contained page: the comparison table, then each run's timing table and "
+                   "grids side by side (images embedded as data: URIs, so the page can be moved).")
+def compare_command(run_a: Path, run_b: Path, fail_above_pct: float | None, as_json: bool,
+                    html_out: Path | None) -> None:
+    def skip(problem: str) -> None:
+        click.echo(f"Warning: {problem}", err=True)
+
+    a_records, b_records = load_run(run_a, "A", skip), load_run(run_b, "B", skip)
     comparison = compare_runs(a_records, b_records)
     if not comparison.matched:
         raise HarnessError(f"no measurement of A '{run_a}' matches one of B '{run_b}' (same sampler, steps, "
@@ -210,10 +242,12 @@ def compare_command(run_a: Path, run_b: Path, fail_above_pct: float | None, as_j
     if warning:
         click.echo(warning, err=True)
     click.echo(comparison_json(comparison) if as_json else comparison_markdown(comparison))
+    if html_out is not None:
+        write_html(html_out, (Side("A", run_a, a_records), Side("B", run_b, b_records)), comparison, warning)
     if fail_above_pct is not None:
         worst = worst_slowdown(comparison, fail_above_pct)
         if worst is not None:
             click.echo(f"regression: {describe(worst.key)} is {worst.change_pct:.1f}% slower "
                        f"({worst.a_seconds_per_image:.4g} -> {worst.b_seconds_per_image:.4g} s/image), "
                        f"above --fail-above {fail_above_pct:g}%.", err=True)
-            sys.exit(1)
+            sys.exit(ExitCode.FAILED)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -29,6 +30,13 @@ TIMEOUT_ENV = "HARNESS_DISTRIBUTED_TIMEOUT"
 # Longer than any wait that is not a failure: ranks wait while the others download and load a model, and
 # while rank 0 writes a measurement's images and scores its metrics.
 DEFAULT_TIMEOUT_S = 1800.0
+RENDEZVOUS_TIMEOUT_ENV = "HARNESS_RENDEZVOUS_TIMEOUT"
+# Launchers start every process within seconds, before any model loads: a process still alone after a minute
+# was started by variables left in the shell, or beside a job that never came.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 60.0
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_FIX = (f"if these are left over from another job, unset {' '.join(LAUNCH_VARIABLES)} to run one process; "
+              "otherwise start every process with torchrun or accelerate launch, which set all five.")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ class World:
         return "" if self.size == 1 else f"rank {rank}: "
 
 
+SINGLE_PROCESS = World()
+
+
 def world_from_env() -> World:
     values = {}
     for field_name, variable in (("rank", "RANK"), ("size", "WORLD_SIZE"), ("local_rank", "LOCAL_RANK")):
@@ -63,17 +74,52 @@ def world_from_env() -> World:
     if world.size < 1 or not 0 <= world.rank < world.size:
         raise HarnessError(f"RANK={world.rank} does not fit WORLD_SIZE={world.size}; start several processes with "
                            "torchrun or accelerate launch, which set both.")
+    if world.size > 1:
+        _check_launch_variables(world)
     return world
 
 
+def _check_launch_variables(world: World) -> None:
+    """Refuse at once a job the launch variables cannot describe, instead of waiting for processes that never come.
+
+    torchrun and accelerate launch set all five; a few of them alone are left over in a shell or a job script.
+    """
+    missing = [variable for variable in LAUNCH_VARIABLES if variable not in os.environ]
+    if missing:
+        parsed = {"WORLD_SIZE": world.size, "RANK": world.rank, "LOCAL_RANK": world.local_rank}
+        given = " ".join(f"{variable}={value}" for variable, value in parsed.items() if variable in os.environ)
+        raise HarnessError(f"{given} make this one of {world.size} processes, but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set; {LAUNCH_FIX}")
+    port = os.environ["MASTER_PORT"]
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not 0 < number < 65536:
+        raise HarnessError(f"MASTER_PORT={port!r} is not a port number (1 to 65535); {LAUNCH_FIX}")
+    if not 0 <= world.local_rank <= world.rank:
+        raise HarnessError(f"LOCAL_RANK={world.local_rank} does not fit RANK={world.rank} (a process's rank on its "
+                           f"machine is between 0 and its rank); {LAUNCH_FIX}")
+
+
 def timeout() -> timedelta:
-    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    """How long a collective waits for the other processes (``HARNESS_DISTRIBUTED_TIMEOUT``)."""
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def rendezvous_timeout() -> timedelta:
+    """How long joining the other processes waits for them (``HARNESS_RENDEZVOUS_TIMEOUT``)."""
+    return _seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+
+
+def _seconds(variable: str, default: float) -> timedelta:
+    text = os.environ.get(variable, str(default))
     try:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
-        raise HarnessError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; e.g. {DEFAULT_TIMEOUT_S:g}.")
+    if not 0 < seconds < float("inf"):
+        raise HarnessError(f"{variable}={text!r} is not a positive number of seconds; e.g. {default:g}.")
     return timedelta(seconds=seconds)
 
 
@@ -89,11 +135,19 @@ def process_group(world: World) -> Iterator[None]:
     if world.size == 1 or dist.is_initialized():
         yield
         return
+    from torch.distributed.rendezvous import rendezvous
+
+    meeting = rendezvous_timeout()
     try:
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout())
+        # The meeting gets its own short timeout; once every process is there, waits are the collectives' (long).
+        store, _, _ = next(rendezvous("env://", rank=world.rank, world_size=world.size, timeout=meeting))
+        dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout())
+        store.set_timeout(timeout())
     except (RuntimeError, ValueError) as error:
-        raise ProcessLost(f"cannot join the other processes ({one_line(error)}); start them with "
-                          "torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT.") from None
+        place = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
+        raise ProcessLost(f"WORLD_SIZE={world.size}: the other processes did not come to {place} within "
+                          f"{meeting.total_seconds():g} s ({RENDEZVOUS_TIMEOUT_ENV}): {one_line(error).rstrip('.')}; "
+                          f"{LAUNCH_FIX}") from None
     try:
         yield
     finally:
@@ -185,4 +239,4 @@ def together(step: Callable[[], T], world: World) -> T:
     for rank, message in enumerate(all_gather(error, world)):
         if message is not None:
             raise HarnessError(world.label(rank) + message)
-    return result
+    return cast(T, result)  # step() returned it: had it raised on this rank, the loop above would have too

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    import diffusers
     import peft
     import torch
     import transformers
+
+    # The defining module, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 WEIGHTS = Path(__file__).parent / "weights"
 SHIPPED_MODEL = WEIGHTS / "tiny-sd"
@@ -120,7 +122,8 @@ def build_tokenizer() -> transformers.CLIPTokenizer:
     tokens = alphabet + [c + _END_OF_WORD for c in alphabet] + [a + b for a, b in merges]
     tokens += [_BOS_TOKEN, _EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_TOKENS)
+    # The annotation says list[str]; the tokenizers BPE model it hands merges to takes (left, right) pairs.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_TOKENS)  # type: ignore[arg-type]
 
 
 def _lora_config(rank: int, alpha: int) -> peft.LoraConfig:
@@ -132,7 +135,7 @@ def _lora_config(rank: int, alpha: int) -> peft.LoraConfig:
 
 
 def random_lora_state(
-    pipe: diffusers.StableDiffusionPipeline, seed: int = 1, rank: int = 4, alpha: int = 4
+    pipe: StableDiffusionPipeline, seed: int = 1, rank: int = 4, alpha: int = 4
 ) -> dict[str, torch.Tensor]:
     """Random LoRA weights for pipe's UNet in diffusers' format: the stand-in LoRA of random architectures.
 
@@ -140,7 +143,7 @@ def random_lora_state(
     that scale too.
     """
     import torch
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet = copy.deepcopy(pipe.unet)
@@ -150,7 +153,11 @@ def random_lora_state(
         for name, parameter in unet.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=_LORA_B_INIT_STD)
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # diffusers leaves convert_state_dict_to_diffusers unannotated.
+    state: dict[str, torch.Tensor] = convert_state_dict_to_diffusers(  # type: ignore[no-untyped-call]
+        get_peft_model_state_dict(unet)
+    )
+    return state
 
 
 # Every file from_pretrained and load_lora_weights read. A wheel or checkout can hold the JSON files but not

@@ -1,12 +1,41 @@
-"""The one exception type users see: a single line that names the problem and the fix."""
+"""The errors users see, and the exit codes of every command.
 
-import click
+The core raises plain exceptions; the CLI (``harness.cli``) turns a :class:`HarnessError` into one line,
+``Error: <message>``, and its exit code, in one place.
+"""
+
+from __future__ import annotations
+
+import enum
 
 
-class HarnessError(click.ClickException):
-    """A problem the user can fix. The CLI prints ``Error: <message>`` and exits with code 2."""
+class ExitCode(enum.IntEnum):
+    """What a ``harness`` command's exit status means (documented in the README's Errors table)."""
 
-    exit_code = 2
+    OK = 0
+    #: The command ran, but a measurement or a check failed (a sampler's error, ``compare --fail-above``).
+    FAILED = 1
+    #: A problem the user can fix: a bad option, a missing file, a model that cannot load.
+    USAGE = 2
+    #: Ctrl-C or SIGTERM; finished results are kept.
+    INTERRUPTED = 130
+
+
+class HarnessError(Exception):
+    """A problem the user can fix, told in one line that names the problem and the fix."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RecordError(HarnessError):
+    """A line of a results or state file that is not what harness wrote; readers add where it is."""
 
 
 def one_line(error: BaseException) -> str:

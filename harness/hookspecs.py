@@ -5,14 +5,26 @@ the specifications below. Built-in plugins (``harness_plugins.*``) use exactly t
 third-party ones. No hook is ever called inside a timed region.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from harness.metric import Metric
+    from harness.sampler import Sampler
+    from harness.training.trainer import Trainer
 
 hookspec = pluggy.HookspecMarker("harness")
 hookimpl = pluggy.HookimplMarker("harness")
 
 
 @hookspec
-def register_samplers(register):
+def register_samplers(register: Callable[[type[Sampler]], None]) -> None:
     """Register sampler classes.
 
     Called once, when the plugin registry is first built (before any command runs).
@@ -25,7 +37,7 @@ def register_samplers(register):
 
 
 @hookspec
-def register_trainers(register):
+def register_trainers(register: Callable[[type[Trainer]], None]) -> None:
     """Register trainer classes.
 
     Called once, when the plugin registry is first built.
@@ -37,7 +49,7 @@ def register_trainers(register):
 
 
 @hookspec
-def register_metrics(register):
+def register_metrics(register: Callable[[type[Metric]], None]) -> None:
     """Register quality-metric classes.
 
     Called once, when the plugin registry is first built.
@@ -50,7 +62,7 @@ def register_metrics(register):
 
 
 @hookspec
-def register_commands(cli):
+def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``harness`` command-line interface.
 
     Called once, when the CLI first lists or resolves its commands.
@@ -61,7 +73,7 @@ def register_commands(cli):
 
 
 @hookspec
-def harness_machine_info(info):
+def harness_machine_info(info: dict[str, Any]) -> None:
     """Add fields to the ``environment`` block of every benchmark record and training ``config.json``.
 
     Called once per ``harness bench`` run, before any sampler is loaded, and once per ``harness train``

@@ -22,7 +22,7 @@ are right.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image

@@ -14,13 +14,29 @@ with ``base_model.model.``. ``load_lora_weights`` finds no ``unet.`` key in them
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # The defining modules, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+# Names diffusers never picks as a folder's LoRA file (_best_guess_weight_name): optimizer and scheduler states.
+NOT_LORA_NAMES = ("scheduler", "optimizer", "checkpoint")
+# Bits per element of each safetensors dtype: a tensor's byte range must match its shape.
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E5M2FNUZ": 8, "F8_E4M3FNUZ": 8, "F8_E8M0": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 
 
 def adapter_metadata(lora_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,13 +58,15 @@ def adapter_metadata(lora_config: Mapping[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def save_diffusers_lora(unet, folder: Path, adapter_name: str = "default") -> Path:
+def save_diffusers_lora(unet: UNet2DConditionModel, folder: Path, adapter_name: str = "default") -> Path:
     """Write ``unet``'s adapter as ``folder/pytorch_lora_weights.safetensors`` with its scale in the header."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = convert_state_dict_to_diffusers(  # type: ignore[no-untyped-call]  # diffusers leaves it unannotated
+        get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    )
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=state,
@@ -70,7 +88,7 @@ def peft_adapter_folder(location: str, weight_name: str | None) -> Path | None:
     return None
 
 
-def load_peft_adapter(pipe, folder: Path) -> None:
+def load_peft_adapter(pipe: StableDiffusionPipeline, folder: Path) -> None:
     """Load a PEFT UNet adapter folder into ``pipe.unet`` at its configured scale (not fused).
 
     Raises ValueError with a one-line reason when the folder is not a UNet LoRA adapter.
@@ -90,3 +108,98 @@ def load_peft_adapter(pipe, folder: Path) -> None:
     unet_state = {"unet." + key.removeprefix(PEFT_KEY_PREFIX): value for key, value in weights.items()}
     metadata = {f"unet.{key}": value for key, value in adapter_metadata(config).items()}
     pipe.load_lora_into_unet(unet_state, network_alphas=None, unet=pipe.unet, metadata=metadata, _pipeline=pipe)
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensor entries of a safetensors file's header (name -> dtype, shape, data_offsets), checked.
+
+    Read and checked against the file's size before safetensors maps the file: a file cut short, damaged or
+    made to mislead is a ValueError with a one-line reason, not a crash inside the loader (a mapped file that
+    ends early kills the process) or a request for absurd amounts of memory.
+    """
+    name = Path(path).name
+    try:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_size > min(MAX_SAFETENSORS_HEADER, size - 8):
+                raise ValueError(f"{name} is not a safetensors file or is cut short ({size} bytes, a header of "
+                                 f"{header_size} bytes announced)")
+            raw = handle.read(header_size)
+    except OSError as error:
+        raise ValueError(f"cannot read {name}: {error.strerror or error}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{name} is not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ValueError(f"{name} has a damaged header (__metadata__ is not an object of strings)")
+    for tensor, entry in header.items():
+        problem = _tensor_entry_problem(entry, size - 8 - header_size)
+        if problem is not None:
+            raise ValueError(f"{name} has a damaged header: tensor {tensor[:100]!r} {problem}")
+    return header
+
+
+def _tensor_entry_problem(entry: object, data_size: int) -> str | None:
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(entry, dict):
+        return "is not described by a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
+        return f"has an unknown dtype ({str(dtype)[:20]})"
+    if not isinstance(shape, list) or not all(whole(side) for side in shape):
+        return "has no valid shape"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(offset) for offset in offsets):
+        return "has no valid data_offsets"
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        return f"lies outside the file (bytes {begin}-{end} of {data_size}): the file is cut short or damaged"
+    if math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype] != (end - begin) * 8:
+        return f"holds {end - begin} bytes, not what shape {shape} of {dtype} needs"
+    return None
+
+
+def lora_weights_file(folder: Path, weight_name: str | None) -> Path | None:
+    """The file diffusers (or ``load_peft_adapter``) will load from a local LoRA source, or None when there is none.
+
+    The same choice as diffusers' own guess (``pytorch_lora_weights.safetensors`` first, never an optimizer or
+    scheduler file), made here so the file can be checked before loading and then named to diffusers.
+    """
+    if weight_name is not None:
+        return folder / weight_name
+    if peft_adapter_folder(str(folder), None) is not None:
+        return folder / PEFT_WEIGHTS_FILE
+    candidates = sorted(path for path in folder.glob("*.safetensors")
+                        if path.is_file() and not any(word in path.name for word in NOT_LORA_NAMES))
+    preferred = [path for path in candidates if path.name == DIFFUSERS_LORA_FILE]
+    return (preferred or candidates)[0] if candidates else None
+
+
+def non_finite_tensors(path: Path) -> tuple[list[str], int]:
+    """The names of the tensors of a safetensors file that hold NaN or inf, and how many tensors it holds.
+
+    A LoRA trained into NaN loads without complaint and turns every image black; naming it at load time says
+    which file is broken. Raises ValueError when the file itself is damaged.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    names = list(safetensors_header(path))
+    broken = []
+    try:
+        with safe_open(path, framework="pt") as weights:
+            for name in names:
+                tensor = weights.get_tensor(name)
+                if tensor.is_floating_point() and tensor.element_size() == 1:
+                    tensor = tensor.float()  # torch has no isfinite for every 8-bit float format
+                if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                    broken.append(name)
+    except SafetensorError as error:
+        raise ValueError(f"{Path(path).name}: {(str(error).splitlines() or ['damaged'])[0]}") from None
+    return broken, len(names)

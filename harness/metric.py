@@ -6,11 +6,15 @@ inside the timing protocol, so they cannot distort a sampler's seconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import click
 import torch
+
+import harness.options
+from harness.options import Options
 
 
 @dataclass(frozen=True)
@@ -25,15 +29,15 @@ class MetricInput:
 @dataclass(frozen=True)
 class MetricConfig:
     device: torch.device
-    options: dict[str, Any] = field(default_factory=dict)
 
 
-class Metric:
+class Metric(ABC):
     """Base class of metric plugins.
 
-    Subclasses set ``name``, ``description`` and ``higher_is_better``, may add click ``options``, and
-    implement :meth:`score`, which returns at least ``{"value": float}`` (plus any detail worth
-    recording) or raises :class:`harness.errors.HarnessError` when it cannot score these images.
+    Subclasses set ``name``, ``description`` and ``higher_is_better``, may declare an ``Options`` dataclass
+    (see :class:`harness.options.Options`; values arrive typed in ``self.options``), and implement
+    :meth:`score`, which returns at least ``{"value": float}`` (plus any detail worth recording) or raises
+    :class:`harness.errors.HarnessError` when it cannot score these images.
     """
 
     name: ClassVar[str] = ""
@@ -41,10 +45,14 @@ class Metric:
     higher_is_better: ClassVar[bool] = True
     #: Compares against reference images (the baseline's); skipped for the baseline itself.
     needs_reference: ClassVar[bool] = False
-    options: ClassVar[list[click.Option]] = []
+    #: The metric's own settings; harness bench makes one option per field.
+    Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, config: MetricConfig):
+    # ``harness.options.Options``: inside the class body, ``Options`` is the class attribute above.
+    def __init__(self, config: MetricConfig, options: harness.options.Options | None = None) -> None:
         self.config = config
+        self.options = options if options is not None else self.Options()
 
+    @abstractmethod
     def score(self, data: MetricInput) -> dict[str, Any]:
-        raise NotImplementedError
+        """The quality of ``data.images``: at least ``{"value": float}``."""

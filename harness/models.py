@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from harness import architectures, lora_io
 from harness.errors import HarnessError, one_line
+
+if TYPE_CHECKING:
+    # The defining modules, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
 
 SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The seed's model id; the repository was deleted from the hub in 2024.
@@ -124,9 +131,9 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
-def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline from safetensors only; clear one-line errors otherwise."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     if spec.kind == "architecture":
         return architectures.build_pipeline(Path(spec.location), device, dtype)
@@ -143,7 +150,7 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
             )
     except Exception as error:  # noqa: BLE001 - diffusers/hub raise many types; all mean "cannot load"
         raise HarnessError(_load_failure(f"model '{spec.name}' ({spec.location})", error, spec.kind)) from None
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]  # diffusers leaves it unannotated
     return pipe.to(device)
 
 
@@ -166,11 +173,14 @@ def resolve_lora(lora_path: str | None, lora_id: str | None) -> LoraSource | Non
     if lora_path:
         path = Path(lora_path).expanduser()
         if not path.exists():
-            raise HarnessError(f"--lora_path '{path}' does not exist; pass the folder that holds the LoRA (e.g. .../lora/final).")
+            raise HarnessError(f"--lora_path '{path}' does not exist; pass the folder that holds the LoRA "
+                               "(e.g. .../lora/final).")
         if path.is_file():
             _refuse_pickle(path)
             if path.suffix != ".safetensors":
-                raise HarnessError(f"--lora_path '{path}' is not a .safetensors file; pass a LoRA saved in safetensors.")
+                raise HarnessError(
+                    f"--lora_path '{path}' is not a .safetensors file; pass a LoRA saved in safetensors."
+                )
             return LoraSource(str(path.parent), path.name, "local")
         safetensors = sorted(path.glob("*.safetensors"))
         if not safetensors:
@@ -200,12 +210,13 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
+def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = True) -> None:
     """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it.
 
     A PEFT adapter folder goes through lora_io instead, which load_lora_weights would silently skip.
     """
     peft_folder = lora_io.peft_adapter_folder(source.location, source.weight_name) if source.kind == "local" else None
+    local_file = _checked_lora_file(source) if source.kind == "local" else None
     try:
         if peft_folder is not None:
             lora_io.load_peft_adapter(pipe, peft_folder)
@@ -215,26 +226,50 @@ def load_lora(pipe, source: LoraSource, fuse: bool = True) -> None:
             rank = GENERATED_LORA_RANK
             pipe.load_lora_weights(random_lora_state(pipe, rank=rank, alpha=rank))
         else:
-            pipe.load_lora_weights(source.location, weight_name=source.weight_name, use_safetensors=True)
+            # The checked file by name: diffusers' own guess in a folder of several would be listing order.
+            weight_name = local_file.name if local_file is not None else source.weight_name
+            pipe.load_lora_weights(source.location, weight_name=weight_name, use_safetensors=True)
     except Exception as error:  # noqa: BLE001
         reason = one_line(error)
         if source.kind == "hub":
             raise HarnessError(f"cannot load LoRA '{source.location}': {reason}. To fix: {OFFLINE_FIX}.") from None
-        raise HarnessError(
-            f"cannot load LoRA from '{source.location}': {reason}. Check that it is a diffusers LoRA "
-            "for this base model, saved in safetensors."
-        ) from None
+        raise HarnessError(_local_lora_failure(source, reason)) from None
     if fuse:
         pipe.fuse_lora()
 
 
-def few_step_scheduler(scheduler_config):
+def _checked_lora_file(source: LoraSource) -> Path | None:
+    """The local file a LoRA loads from, its safetensors header checked and its values finite (None: no file).
+
+    A damaged file is the cannot-load line before anything maps it; a LoRA trained into NaN or inf would load
+    silently and sample black images, so it is named here.
+    """
+    path = lora_io.lora_weights_file(Path(source.location), source.weight_name)
+    if path is None:
+        return None  # nothing to load: diffusers says so in the cannot-load line
+    try:
+        broken, total = lora_io.non_finite_tensors(path)
+    except ValueError as error:
+        raise HarnessError(_local_lora_failure(source, str(error))) from None
+    if broken:
+        raise HarnessError(f"--lora_path '{path}' holds NaN or inf values (in {len(broken)} of {total} tensors, e.g. "
+                           f"{broken[0][:100]!r}); it is broken: retrain it or pass another LoRA.")
+    return path
+
+
+def _local_lora_failure(source: LoraSource, reason: str) -> str:
+    return (f"cannot load LoRA from '{source.location}': {reason}. Check that it is a diffusers LoRA for this base "
+            "model, saved in safetensors.")
+
+
+def few_step_scheduler(scheduler_config: Mapping[str, Any]) -> LCMScheduler:
     """The scheduler few-step LoRAs sample with (the seed's): LCMScheduler with trailing timesteps."""
-    from diffusers import LCMScheduler
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
 
-    return LCMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    scheduler: LCMScheduler = LCMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    return scheduler
 
 
-def cpu_generators(seeds) -> list[torch.Generator]:
+def cpu_generators(seeds: Iterable[int]) -> list[torch.Generator]:
     """One seeded CPU generator per image: the starting noise is then the same on every device."""
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]

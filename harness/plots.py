@@ -6,13 +6,16 @@ no global matplotlib state (backend, current figure) of the process that calls i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.records import atomic_path
+from harness.schema import Record, successful
 
 LATENCY_PLOT = "latency.png"
 # A 30-step CFG baseline costs some 30x a 2-step sampler; past this max/min ratio a linear axis
@@ -26,15 +29,12 @@ class LatencySeries(NamedTuple):
     points: list[tuple[int, float]]  # (steps, median seconds/image), by steps
 
 
-def latency_series(records: Sequence[dict[str, Any]]) -> list[LatencySeries]:
+def latency_series(records: Sequence[Record]) -> list[LatencySeries]:
     """The successful measurements grouped by sampler, in the run's order of samplers."""
     by_sampler: dict[str, LatencySeries] = {}
-    for record in records:
-        if record["status"] != "ok":
-            continue
-        series = by_sampler.setdefault(record["sampler"],
-                                       LatencySeries(record["sampler"], bool(record.get("baseline")), []))
-        series.points.append((record["steps"], record["timing"]["seconds_per_image"]))
+    for record, measured in successful(records):
+        series = by_sampler.setdefault(record.sampler, LatencySeries(record.sampler, record.baseline, []))
+        series.points.append((record.steps, measured.timing.seconds_per_image))
     for series in by_sampler.values():
         series.points.sort()
     return list(by_sampler.values())
@@ -44,14 +44,16 @@ def needs_log_scale(seconds: Sequence[float]) -> bool:
     return max(seconds) / min(seconds) > LOG_SCALE_ABOVE
 
 
-def _title(record: dict[str, Any]) -> str:
-    environment = record["environment"]
-    width, height = record["image_size"]
-    return (f"{record['config']['model']} on {environment.get('device_name')} "
+def _title(records: Sequence[Record]) -> str:
+    """What the run measured on, from its first successful record."""
+    record, measured = successful(records)[0]
+    environment = record.environment
+    width, height = measured.image_size
+    return (f"{record.config.get('model')} on {environment.get('device_name')} "
             f"({environment.get('dtype')}), {width}x{height}")
 
 
-def write_latency_plot(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path | None:
+def write_latency_plot(run_dir: Path, records: Sequence[Record]) -> Path | None:
     """Write ``latency.png`` into ``run_dir``; None (and no file) when no measurement succeeded."""
     all_series = latency_series(records)
     if not all_series:
@@ -73,17 +75,16 @@ def write_latency_plot(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path
     axes.set_xticks(sorted({step for series in all_series for step, _ in series.points}))
     axes.set_xlabel("inference steps")
     axes.set_ylabel("seconds per image (median)")
-    return _finish(figure, axes, f"Latency: {_title(next(r for r in records if r['status'] == 'ok'))}",
-                   Path(run_dir) / LATENCY_PLOT)
+    return _finish(figure, axes, f"Latency: {_title(records)}", Path(run_dir) / LATENCY_PLOT)
 
 
-def _new_figure():
+def _new_figure() -> tuple[Figure, Axes]:
     figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)  # attaches itself to the figure: savefig renders with Agg, whatever the backend
     return figure, figure.add_subplot()
 
 
-def _finish(figure, axes, title: str, path: Path) -> Path:
+def _finish(figure: Figure, axes: Axes, title: str, path: Path) -> Path:
     """Title, grid and legend, then the PNG written atomically."""
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
@@ -102,19 +103,20 @@ class QualityPoint(NamedTuple):
     quality: float
 
 
-def quality_points(records: Sequence[dict[str, Any]], metric: str) -> list[QualityPoint]:
+def quality_points(records: Sequence[Record], metric: str) -> list[QualityPoint]:
     """One point per successful measurement that has a value for ``metric``."""
     return [
-        QualityPoint(f"{r['sampler']} {r['steps']}", r["timing"]["seconds_per_image"], r["metrics"][metric]["value"])
-        for r in records
-        if r["status"] == "ok" and "value" in r.get("metrics", {}).get(metric, {})
+        QualityPoint(f"{record.sampler} {record.steps}", measured.timing.seconds_per_image,
+                     measured.metrics[metric]["value"])
+        for record, measured in successful(records) if "value" in measured.metrics.get(metric, {})
     ]
 
 
 def pareto_front(points: Sequence[QualityPoint], higher_is_better: bool = True) -> list[QualityPoint]:
     """The points no other point beats on both speed and quality, fastest first."""
     sign = 1 if higher_is_better else -1
-    front, best = [], None
+    front: list[QualityPoint] = []
+    best: float | None = None
     for point in sorted(points, key=lambda p: (p.seconds, -sign * p.quality)):
         if best is None or sign * point.quality > sign * best:
             front.append(point)
@@ -122,7 +124,7 @@ def pareto_front(points: Sequence[QualityPoint], higher_is_better: bool = True) 
     return front
 
 
-def write_quality_plot(run_dir: Path, records: Sequence[dict[str, Any]], metric: str,
+def write_quality_plot(run_dir: Path, records: Sequence[Record], metric: str,
                        higher_is_better: bool = True) -> Path | None:
     """Write ``quality.png``: ``metric`` against seconds/image, the Pareto front joined; None without points."""
     points = quality_points(records, metric)
@@ -140,5 +142,4 @@ def write_quality_plot(run_dir: Path, records: Sequence[dict[str, Any]], metric:
         axes.set_xscale("log")
     axes.set_xlabel("seconds per image (median)")
     axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
-    return _finish(figure, axes, f"Quality against latency: {_title(next(r for r in records if r['status'] == 'ok'))}",
-                   Path(run_dir) / QUALITY_PLOT)
+    return _finish(figure, axes, f"Quality against latency: {_title(records)}", Path(run_dir) / QUALITY_PLOT)

@@ -6,19 +6,27 @@ third-party ones found in the ``harness`` entry-point group, so they get no spec
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
 import os
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pluggy
 
 from harness import hookspecs
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
+
+if TYPE_CHECKING:
+    from harness.metric import Metric
+    from harness.sampler import Sampler
+    from harness.training.trainer import Trainer
 
 ENTRY_POINT_GROUP = "harness"
 PLUGIN_DIRS_ENV = "HARNESS_PLUGINS"
@@ -47,15 +55,20 @@ class PluginInfo:
     source: str
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    #: What the plugin registered before it broke, so asking for one of them names the broken plugin.
+    registered: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Registered:
-    """A sampler or trainer class together with the plugin that registered it."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Registered(Generic[T]):
+    """A sampler, trainer or metric class together with the plugin that registered it."""
 
     name: str
     kind: str
-    cls: type
+    cls: T
     source: str
 
     @property
@@ -63,19 +76,69 @@ class Registered:
         return getattr(self.cls, "description", "") or ""
 
 
-class Registry:
-    """Everything the plugins registered, built once per process (or per ``--plugin-dir`` set)."""
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of plugin class: the hook that registers it and the base class it must fulfil."""
 
-    def __init__(self, plugin_dirs: Iterable[str | os.PathLike] = ()):
+    kind: str
+    hook: str
+    base: type
+
+
+def _plugin_kinds() -> tuple[PluginKind, ...]:
+    # Imported here: these modules import torch and diffusers, which `harness --help` never needs.
+    from harness.metric import Metric
+    from harness.sampler import Sampler
+    from harness.training.trainer import Trainer
+
+    return (PluginKind("sampler", "register_samplers", Sampler), PluginKind("trainer", "register_trainers", Trainer),
+            PluginKind("metric", "register_metrics", Metric))
+
+
+def contract_problem(cls: Any, kind: PluginKind) -> str | None:
+    """What ``cls`` lacks to be a ``kind`` plugin class, in words; None when it has everything."""
+    if not isinstance(cls, type) or not issubclass(cls, kind.base):
+        return f"{cls!r} is not a subclass of {kind.base.__module__}.{kind.base.__name__}"
+    missing = [attribute for attribute in ("name", "description") if not getattr(cls, attribute, "")]
+    if missing:
+        return f"{kind.kind} class {cls.__name__} does not set {' or '.join(missing)}"
+    abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+    if abstract:
+        return f"{kind.kind} class {cls.__name__} does not implement {', '.join(abstract)}"
+    return _settings_problem(cls, kind.kind)
+
+
+def _settings_problem(cls: type, kind: str) -> str | None:
+    """Trainers declare their settings as a TrainConfig dataclass; samplers and metrics as an Options one."""
+    from harness.options import Options
+    from harness.training.config import TrainConfig
+
+    attribute, base = ("config_class", TrainConfig) if kind == "trainer" else ("Options", Options)
+    settings = getattr(cls, attribute, None)
+    if not (isinstance(settings, type) and issubclass(settings, base) and dataclasses.is_dataclass(settings)):
+        return (f"{kind} class {cls.__name__} has {attribute} {settings!r}, not a dataclass subclass of "
+                f"{base.__module__}.{base.__name__}")
+    return None
+
+
+class Registry:
+    """Everything the plugins registered, built once per process (or per ``--plugin-dir`` set).
+
+    A plugin that fails (its import raises, a hook raises, or a class it registers breaks its contract) is
+    listed as broken with the reason and takes no further part; every other plugin works as usual.
+    """
+
+    def __init__(self, plugin_dirs: Iterable[str | os.PathLike[str]] = ()):
         self.pm = pluggy.PluginManager("harness")
         self.pm.add_hookspecs(hookspecs)
         if os.environ.get(TRACE_ENV):
             self.pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
             self.pm.enable_tracing()
         self.plugins: dict[str, PluginInfo] = {}
-        self.samplers: dict[str, Registered] = {}
-        self.trainers: dict[str, Registered] = {}
-        self.metrics: dict[str, Registered] = {}
+        self.commands_added = False  # register_commands runs once per registry, when the CLI first needs it
+        self.samplers: dict[str, Registered[type[Sampler]]] = {}
+        self.trainers: dict[str, Registered[type[Trainer]]] = {}
+        self.metrics: dict[str, Registered[type[Metric]]] = {}
 
         for module_name in DEFAULT_PLUGINS:
             self._register_import(module_name, module_name, "built-in", importlib.import_module)
@@ -87,64 +150,97 @@ class Registry:
             for path in sorted(Path(directory).glob("*.py")):
                 self._register_import(path.stem, path, f"file {path}", _import_file)
 
-        self._collect("register_samplers", "sampler", self.samplers)
-        self._collect("register_trainers", "trainer", self.trainers)
-        self._collect("register_metrics", "metric", self.metrics)
+        tables: dict[str, dict[str, Any]] = {"sampler": self.samplers, "trainer": self.trainers,
+                                             "metric": self.metrics}
+        for kind in _plugin_kinds():
+            self._collect(kind, tables[kind.kind])
 
-    def _register_import(self, name: str, target, source: str, importer: Callable) -> None:
-        # A plugin that fails to import is reported as broken; the others still load.
+    def _register_import(self, name: str, target: Any, source: str, importer: Callable[[Any], Any]) -> None:
         if name in self.plugins:
             return
         try:
             module = importer(target)
             self.pm.register(module, name=name)
         except Exception as error:  # noqa: BLE001 - any failure in third-party code is reported
-            self.plugins[name] = PluginInfo(name, source, error=f"{type(error).__name__}: {error}")
+            self.plugins[name] = PluginInfo(name, source, error=one_line(error))
             return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(module) or [])
         self.plugins[name] = PluginInfo(name, source, hooks=hooks)
 
-    def _collect(self, hook_name: str, kind: str, into: dict[str, Registered]) -> None:
-        # Calling each implementation ourselves tells us which plugin registered which class.
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            source = self.plugins[impl.plugin_name].source
+    def _collect(self, kind: PluginKind, into: dict[str, Any]) -> None:
+        """Call ``kind.hook`` plugin by plugin, through the plugin manager (so tracing shows each call), to
+        know which plugin registered which class and to drop only the plugin that fails."""
+        for plugin_name, plugin in list(self.pm.list_name_plugin()):
+            info = self.plugins.get(plugin_name)
+            if info is None or info.error or kind.hook not in info.hooks:
+                continue
+            others = [other for other in self.pm.get_plugins() if other is not plugin]
+            caller = self.pm.subset_hook_caller(kind.hook, remove_plugins=others)
+            added: dict[str, Registered[Any]] = {}
 
-            def register(cls, _source=source):
+            def register(cls: Any, _info: PluginInfo = info, _added: dict[str, Registered[Any]] = added) -> None:
                 name = getattr(cls, "name", None)
-                if not name:
-                    raise HarnessError(f"{kind} class {cls!r} from {_source} has no `name`; set one.")
-                if name in into:
-                    raise HarnessError(
-                        f"{kind} '{name}' is registered twice ({into[name].source} and {_source}); "
-                        "uninstall one of the plugins."
-                    )
-                into[name] = Registered(name, kind, cls, _source)
+                if isinstance(name, str) and name:
+                    # Before the checks: asking for a refused class by name then says why its plugin is broken.
+                    _info.registered.append(name)
+                problem = contract_problem(cls, kind)
+                if problem is not None:
+                    raise HarnessError(problem)
+                name = cls.name  # a str: the contract check made sure
+                if name in into or name in _added:
+                    where = into[name].source if name in into else _info.source
+                    raise HarnessError(f"{kind.kind} '{name}' is registered twice ({where} and {_info.source}); "
+                                       "uninstall one of the plugins")
+                _added[name] = Registered(name, kind.kind, cls, _info.source)
 
-            impl.function(register=register)
+            try:
+                caller(register=register)
+            except Exception as error:  # noqa: BLE001 - a failing plugin must not take the others down
+                info.error = f"{kind.hook}: {one_line(error)}"
+                self.pm.unregister(plugin)  # its other hooks (commands, machine info) must not run either
+                self._forget(plugin_name)
+                continue
+            into.update(added)
+
+    def _forget(self, plugin_name: str) -> None:
+        """Drop what a plugin registered by earlier hooks, now that it is broken."""
+        for table in (self.samplers, self.trainers, self.metrics):
+            for name in [name for name, entry in table.items() if entry.source == self.plugins[plugin_name].source
+                         and name in self.plugins[plugin_name].registered]:
+                del table[name]
 
     def broken(self) -> list[PluginInfo]:
         return [info for info in self.plugins.values() if info.error]
 
-    def sampler(self, name: str) -> Registered:
-        return _lookup(self.samplers, name, "sampler")
+    def sampler(self, name: str) -> Registered[type[Sampler]]:
+        return self._lookup(self.samplers, name, "sampler")
 
-    def trainer(self, name: str) -> Registered:
-        return _lookup(self.trainers, name, "trainer")
+    def trainer(self, name: str) -> Registered[type[Trainer]]:
+        return self._lookup(self.trainers, name, "trainer")
 
-    def metric(self, name: str) -> Registered:
-        return _lookup(self.metrics, name, "metric")
+    def metric(self, name: str) -> Registered[type[Metric]]:
+        return self._lookup(self.metrics, name, "metric")
 
-
-def _lookup(table: dict[str, Registered], name: str, kind: str) -> Registered:
-    if name not in table:
+    def _lookup(self, table: dict[str, Registered[T]], name: str, kind: str) -> Registered[T]:
+        if name in table:
+            return table[name]
+        for info in self.broken():
+            if name in info.registered:
+                raise HarnessError(f"{kind} '{name}' comes from the plugin '{info.name}' ({info.source}), which is "
+                                   f"broken ({info.error}); fix or uninstall that plugin.")
         known = ", ".join(sorted(table)) or "none"
-        raise HarnessError(f"unknown {kind} '{name}'; known {kind}s: {known}.")
-    return table[name]
+        hint = ""
+        if self.broken():
+            names = ", ".join(f"'{info.name}'" for info in self.broken())
+            hint = f" Broken plugins that may provide it: {names} (see `harness plugins`)."
+        raise HarnessError(f"unknown {kind} '{name}'; known {kind}s: {known}.{hint}")
 
 
-def _import_file(path: Path):
+def _import_file(path: Path) -> ModuleType:
     module_name = f"harness_plugin_file_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import '{path}' as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
@@ -159,7 +255,7 @@ def plugin_dirs_from_env() -> list[str]:
 _registries: dict[tuple[str, ...], Registry] = {}
 
 
-def get_registry(plugin_dirs: Iterable[str | os.PathLike] = ()) -> Registry:
+def get_registry(plugin_dirs: Iterable[str | os.PathLike[str]] = ()) -> Registry:
     """The registry for these plugin folders (plus ``HARNESS_PLUGINS``), built on first use."""
     dirs = tuple(str(Path(d).resolve()) for d in [*plugin_dirs_from_env(), *plugin_dirs])
     for directory in dirs:

@@ -11,9 +11,10 @@ A file of that name in the working folder wins over a built-in set, so nobody's 
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from harness.errors import HarnessError
 
@@ -56,19 +57,75 @@ def load_prompts(name_or_path: str) -> list[str]:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise HarnessError(f"cannot read prompt file '{path}': {error.__class__.__name__}; pass a UTF-8 text file.") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and all(line.startswith("{") for line in lines):
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]).strip())
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise HarnessError(f"prompt file '{path}' line {number} is not a JSON object with a 'prompt' field.") from None
-        lines = [prompt for prompt in prompts if prompt]
-    if not lines:
+    """The prompts of a file: one per line, or JSONL (a ``.jsonl`` file, or one whose first line starts with
+    ``{``) with a text ``prompt`` on every line.
+
+    A bad line stops the run instead of being skipped: the prompts are the benchmark's workload, and every
+    prompt after a skipped one would draw other seeds (image i of prompt p uses seed + p * num_images + i).
+    """
+    lines = [(number, line.strip()) for number, line in enumerate(_read_text(path).split("\n"), 1) if line.strip()]
+    if lines and (path.suffix == ".jsonl" or lines[0][1].startswith("{")):
+        prompts = [_jsonl_prompt(path, number, line) for number, line in lines]
+    else:
+        prompts = [line for _, line in lines]
+    if not prompts:
         raise HarnessError(f"prompt file '{path}' holds no prompts; write one prompt per line.")
-    return lines
+    return prompts
+
+
+def _read_text(path: Path) -> str:
+    """The file as text, or one line saying why it is not UTF-8 text (a byte-order mark is allowed)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise HarnessError(f"cannot read prompt file '{path}': {error.strerror or error}; check that it is a "
+                           "readable file.") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise HarnessError(f"prompt file '{path}' is UTF-16 text; save it as UTF-8.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise HarnessError(f"prompt file '{path}' is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); "
+                           "save it as UTF-8.") from None
+    if "\0" in text:  # valid UTF-8 still, but a prompt never holds one: UTF-16 without its mark, or a binary file
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise HarnessError(f"prompt file '{path}' holds a NUL byte on line {line}: it is binary or UTF-16, not UTF-8 "
+                           "text; save it as UTF-8.")
+    return text
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> str:
+    """The prompt of one JSONL line, or one line naming the line and what is wrong with it."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
+        problem: str | None = "not JSON"
+    else:
+        problem = _row_problem(row)
+    if problem is not None:
+        raise HarnessError(f"line {number} of {path}: {problem}; write every line of a JSONL prompt file as "
+                           '{"prompt": "..."} (a line is never skipped: the prompts after it would draw other seeds).')
+    prompt: str = row["prompt"]
+    return prompt.strip()
+
+
+def _row_problem(row: object) -> str | None:
+    if not isinstance(row, dict):
+        return f"{_kind(row)}, not an object"
+    if "prompt" not in row:
+        return "no 'prompt' field"
+    if not isinstance(row["prompt"], str):
+        return f"'prompt' is {_kind(row['prompt'])}, not text"
+    if not row["prompt"].strip():
+        return "'prompt' is empty"
+    return None
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind, as a message names it."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object"

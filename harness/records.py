@@ -15,17 +15,21 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+import pluggy
 import torch
+from PIL import Image
 
 import harness
+from harness.errors import HarnessError, RecordError
+from harness.schema import SCHEMA, Record  # noqa: F401 - SCHEMA is part of this module's interface
 
-SCHEMA = "harness.record/1"
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "summary.md"
 
@@ -34,7 +38,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def environment(device: torch.device, dtype: torch.dtype, plugin_manager) -> dict[str, Any]:
+def environment(device: torch.device, dtype: torch.dtype, plugin_manager: pluggy.PluginManager) -> dict[str, Any]:
     """What the numbers were measured on; plugins add fields through ``harness_machine_info``."""
     info: dict[str, Any] = {
         "harness": harness.__version__,
@@ -76,32 +80,75 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    line = json.dumps(record, sort_keys=False, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
+def append_record(path: Path, record: Record) -> None:
+    """Append one record as one line, flushed and fsynced: a crash leaves only whole lines before it.
+
+    A symlink in the record file's place is refused rather than followed, so records never land outside
+    the run folder.
+    """
+    line = json.dumps(record.to_json(), default=str) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError:
+        if Path(path).is_symlink():
+            raise HarnessError(f"'{path}' is a symbolic link; harness writes records only into a plain file inside "
+                               "the run folder: remove the link or pass another --outdir.") from None
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a run folder or a records file; a torn last line (from a crash) is skipped."""
+def read_records(path: Path, on_skip: Callable[[str], None] | None = None) -> list[Record]:
+    """The records of a run folder or a records file, each checked against the schema.
+
+    A line that is not a record (a torn last line from a crash, bytes that are not UTF-8, JSON of another
+    kind or schema, a field of the wrong type) is named as ``line N of FILE: what is wrong``: passed to
+    ``on_skip`` and left out, or, without ``on_skip``, raised as a :class:`RecordError`.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
     if not path.is_file():
-        from harness.errors import HarnessError
-
         raise HarnessError(f"no {RECORDS_FILE} at '{path}'; pass a run folder written by `harness bench`.")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise HarnessError(f"cannot read '{path}': {error.strerror or error}; check its permissions.") from None
+    found = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+            found.append(_parse_line(raw))
+        except RecordError as error:
+            problem = f"line {number} of {path}: {error.message}"
+            if on_skip is None:
+                raise RecordError(problem) from None
+            on_skip(problem + "; skipped")
+    return found
+
+
+def _parse_line(raw: bytes) -> Record:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordError("not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise RecordError("not JSON (a line cut short by a crash, or not written by harness)") from None
+    return Record.from_json(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
 
 
 @contextmanager
@@ -113,6 +160,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        os.chmod(temp, _FILE_MODE)  # mkstemp makes 0600 files; results get what the umask gives any new file
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
@@ -153,11 +201,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         temp.write_text(text, encoding="utf-8")
 
 
-def save_image_atomic(image, path: Path) -> None:
+def save_image_atomic(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as temp:
         image.save(temp, format="PNG")
 
 
-def dump(records: list[dict[str, Any]]) -> str:
-    return json.dumps(records, indent=2, default=str)
+def dump(records: Sequence[Record]) -> str:
+    return json.dumps([record.to_json() for record in records], indent=2, default=str)
 

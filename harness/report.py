@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 from tabulate import tabulate
 
+from harness.errors import HarnessError, one_line
 from harness.records import RECORDS_FILE, SUMMARY_FILE, read_records, save_image_atomic, write_text_atomic
+from harness.schema import Measured, Memory, Record, successful, successful_baselines
 
 # Tiles smaller than this are scaled up (nearest neighbour) so grids of tiny images stay readable.
 MIN_TILE = 128
@@ -24,69 +28,77 @@ def _ms(seconds: float | None) -> str:
 NOISY_STDEV = 0.05  # a stdev above 5% of the median makes a comparison untrustworthy
 
 
-def _baseline(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in records if r.get("baseline") and r["status"] == "ok"), None)
-
-
-def ideal_speedup(record: dict[str, Any], baseline: dict[str, Any]) -> float:
+def ideal_speedup(measured: Measured, baseline: Measured) -> float:
     """The speedup over the baseline if only the number of UNet evaluations changed.
 
     Takes the baseline's instrumented call, keeps its text encoding, decoding and other fixed costs,
     and scales its denoising time by the ratio of UNet evaluations (batch sizes summed).
     """
-    stages = baseline["stages"]
-    fixed = stages["total_s"] - stages["denoise_s"]
-    ratio = record["unet"]["evaluations"] / baseline["unet"]["evaluations"]
-    return stages["total_s"] / (fixed + stages["denoise_s"] * ratio)
+    stages = baseline.stages
+    fixed = stages.total_s - stages.denoise_s
+    ratio = measured.unet.evaluations / baseline.unet.evaluations
+    return stages.total_s / (fixed + stages.denoise_s * ratio)
 
 
-def summary_table(records: Sequence[dict[str, Any]]) -> str:
-    """The run's timing table in GitHub markdown; few-step rows show their speedup over the baseline."""
-    baseline = _baseline(records)
+def spread(measured: Measured) -> float:
+    """The stdev of the measured calls as a fraction of their median."""
+    stats = measured.timing.seconds_per_call
+    return stats.stdev / stats.median
+
+
+def summary_rows(records: Sequence[Record]) -> tuple[list[str], list[list[Any]]]:
+    """The timing table's headers and one row per record, shared by summary.md and the HTML page.
+
+    A failed record's row ends with its error after the guidance column (shorter than the others)."""
+    baselines = successful_baselines(records)
+    baseline = baselines[0][1] if baselines else None
+    several = processes(records) > 1  # one process's images/s is its own; several add up
+    metric_names = list(dict.fromkeys(name for _, measured in successful(records) for name in measured.metrics))
     rows = []
     for record in records:
-        if record["status"] != "ok":
-            rows.append([record["sampler"], record["steps"], record["guidance_scale"], "", "failed: " + record["error"]])
+        measured = record.measured
+        if measured is None:
+            rows.append([record.sampler, record.steps, record.guidance_scale, "", f"failed: {record.error}"])
             continue
-        timing = record["timing"]
-        per_image = timing["seconds_per_image"]
-        stats = timing["seconds_per_call"]
-        spread = stats["stdev"] / stats["median"]
+        timing = measured.timing
         speedup = ideal = ""
-        if baseline is not None and not record.get("baseline") and baseline["unet"]["evaluations"]:
-            speedup = f"{baseline['timing']['seconds_per_image'] / per_image:.2f}x"
-            ideal = f"{ideal_speedup(record, baseline):.2f}x"
-        rows.append([
-            record["sampler"],
-            record["steps"],
-            record["guidance_scale"],
-            record["unet"]["evaluations_per_image"],
-            _ms(per_image),
-            f"{timing['images_per_s']:.2f}",
-            f"{spread:.1%}" + (" !" if spread > NOISY_STDEV else ""),
-            _ms(stats["p90"] / timing["images_per_call"]),
-            _ms(timing["first_call_s"]),
-            f"{timing['load_s']:.2f}",
-            _memory(record["memory"]),
+        if baseline is not None and not record.baseline and baseline.unet.evaluations:
+            speedup = f"{baseline.timing.seconds_per_image / timing.seconds_per_image:.2f}x"
+            ideal = f"{ideal_speedup(measured, baseline):.2f}x"
+        row = [
+            record.sampler + (NONFINITE_MARK if nonfinite(measured) else ""),
+            record.steps,
+            record.guidance_scale,
+            measured.unet.evaluations_per_image,
+            _ms(timing.seconds_per_image),
+            f"{timing.images_per_s:.2f}",
+            f"{spread(measured):.1%}" + (" !" if spread(measured) > NOISY_STDEV else ""),
+            _ms(timing.seconds_per_call.p90 / timing.images_per_call),
+            _ms(timing.first_call_s),
+            f"{timing.load_s:.2f}",
+            _memory(measured.memory),
             speedup,
             ideal,
-        ])
+        ]
+        if several:
+            row.append(_rate(timing.aggregate_images_per_s))
+        rows.append(row + [_metric_cell(measured.metrics.get(name, {})) for name in metric_names])
     headers = ["sampler", "steps", "guidance", "UNet evals/image", "ms/image", "images/s", "stdev",
                "p90 ms/image", "first call ms", "load s", "peak MB", "speedup", "ideal speedup"]
-    if _processes(records) > 1:  # one process's images/s is its own; several add up
+    if several:
         headers.append("aggregate images/s")
-        for row, record in zip(rows, records):
-            if record["status"] == "ok":
-                row.append(_rate(record["timing"].get("aggregate_images_per_s")))
-    metric_names = list(dict.fromkeys(name for r in records if r["status"] == "ok" for name in r.get("metrics", {})))
-    for row, record in zip(rows, records):
-        if record["status"] == "ok":
-            row += [_metric_cell(record["metrics"].get(name, {})) for name in metric_names]
-    return tabulate(rows, headers=headers + metric_names, tablefmt="github")
+    return headers + metric_names, rows
 
 
-def _processes(records: Sequence[dict[str, Any]]) -> int:
-    return max((r.get("world_size", 1) for r in records if r["status"] == "ok"), default=1)
+def summary_table(records: Sequence[Record]) -> str:
+    """The run's timing table in GitHub markdown; few-step rows show their speedup over the baseline."""
+    headers, rows = summary_rows(records)
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def processes(records: Sequence[Record]) -> int:
+    """How many processes measured the run (1 for a plain harness bench)."""
+    return max((record.world_size for record, _ in successful(records)), default=1)
 
 
 def _rate(value: float | None) -> str:
@@ -96,70 +108,95 @@ def _rate(value: float | None) -> str:
 def _metric_cell(result: dict[str, Any]) -> str:
     if "value" not in result:
         return "error" if "error" in result else ""
-    return f"{result['value']:.4g}"
+    value = result["value"]
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
-def stage_table(records: Sequence[dict[str, Any]]) -> str:
-    """Where the time of one instrumented call goes, stage by stage."""
+def stage_rows(records: Sequence[Record]) -> tuple[list[str], list[list[Any]]]:
+    """The stage table's headers and one row per successful record, shared by summary.md and the HTML page."""
     rows = []
-    for record in records:
-        if record["status"] != "ok":
-            continue
-        stages = record["stages"]
-        steps = stages["per_step_s"]
-        other = stages["total_s"] - stages["text_encode_s"] - stages["denoise_s"] - stages["decode_s"]
-        rows.append([record["sampler"], record["steps"], _ms(stages["text_encode_s"]), _ms(stages["denoise_s"]),
-                     _ms(sum(steps) / len(steps)) if steps else "", _ms(stages["decode_s"]), _ms(other),
-                     _ms(stages["total_s"])])
+    for record, measured in successful(records):
+        stages = measured.stages
+        steps = stages.per_step_s
+        rows.append([record.sampler, record.steps, _ms(stages.text_encode_s), _ms(stages.denoise_s),
+                     _ms(sum(steps) / len(steps)) if steps else "", _ms(stages.decode_s), _ms(stages.other_s),
+                     _ms(stages.total_s)])
     headers = ["sampler", "steps", "text encode ms", "denoise ms", "ms/step", "VAE decode ms", "other ms", "total ms"]
+    return headers, rows
+
+
+def stage_table(records: Sequence[Record]) -> str:
+    """Where the time of one instrumented call goes, stage by stage."""
+    headers, rows = stage_rows(records)
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
-def _memory(memory: dict[str, float]) -> str:
-    value = memory.get("cuda_max_allocated_mb", memory.get("peak_rss_mb"))
+def _memory(memory: Memory) -> str:
+    value = memory.peak_mb
     return "" if value is None else f"{value:.0f}"
 
 
-def summary_markdown(records: Sequence[dict[str, Any]]) -> str:
+NOISY_NOTE = ("! stdev above 5% of the median: too noisy to compare; rerun with more --repeats or on a "
+              "quieter machine.")
+
+
+NONFINITE_MARK = " (NaN)"
+NONFINITE_NOTE = ("(NaN) the UNet or the VAE decoder gave NaN or inf values in the instrumented call: blank images "
+                  "or a sampler that does not work as it should, so its timing says little; the record's warnings say "
+                  "more.")
+
+
+def nonfinite(measured: Measured) -> bool:
+    """Whether the measurement's instrumented call met NaN or inf (the tables mark it with ``(NaN)``)."""
+    return bool(measured.stages.nonfinite_unet_calls or measured.stages.nonfinite_images)
+
+
+def any_nonfinite(records: Sequence[Record]) -> bool:
+    return any(nonfinite(measured) for _, measured in successful(records))
+
+
+def any_noisy(records: Sequence[Record]) -> bool:
+    """Whether some measurement is too noisy to compare (the tables mark it with ``!``)."""
+    return any(spread(measured) > NOISY_STDEV for _, measured in successful(records))
+
+
+def summary_markdown(records: Sequence[Record]) -> str:
     if not records:
         return "# harness bench\n\nNo measurements.\n"
-    first = next((r for r in records if r["status"] == "ok"), records[0])
-    config = first["config"]
-    env = first.get("environment", {})
-    width, height = first.get("image_size", ("?", "?"))
+    ok = successful(records)
+    first = ok[0][0] if ok else records[0]
+    config = first.config
+    env = first.environment
+    width, height = ok[0][1].image_size if ok else ("?", "?")
     lines = [
         "# harness bench",
         "",
-        f"- model: `{config['model']}`; device: {env.get('device_name', '')} ({env.get('device', '')}, "
+        f"- model: `{config.get('model')}`; device: {env.get('device_name', '')} ({env.get('device', '')}, "
         f"{env.get('dtype', '')}); images {width}x{height}",
-        f"- {len(config['prompts'])} prompt(s) x {config['num_images']} image(s) per call; seed {config['seed']}; "
-        f"{config['warmup']} warmup call(s), {config['repeats']} measured pass(es)",
+        f"- {len(config.get('prompts', []))} prompt(s) x {config.get('num_images')} image(s) per call; seed "
+        f"{config.get('seed')}; {config.get('warmup')} warmup call(s), {config.get('repeats')} measured pass(es)",
         "- ms/image: median call / images per call, each call bracketed by a device synchronize; stdev in % of "
         "the median; speedup: baseline ms/image / this ms/image; ideal speedup: the baseline's own stage "
         "times with only the UNet evaluations scaled",
     ]
-    processes = _processes(records)
-    if processes > 1:
-        lines.append(f"- {processes} processes, each timing its share of the calls: ms/image, stdev and p90 over "
+    world = processes(records)
+    if world > 1:
+        lines.append(f"- {world} processes, each timing its share of the calls: ms/image, stdev and p90 over "
                      "the calls of every rank, load and first call the median over ranks, peak memory the largest "
                      "rank's; aggregate images/s: every measured image of every rank over the wall clock from the "
                      "first rank's first measured call to the last rank's last")
-    lines += [
-        "",
-        summary_table(records),
-        "",
-    ]
-    if any(r["status"] == "ok" and r["timing"]["seconds_per_call"]["stdev"]
-           > NOISY_STDEV * r["timing"]["seconds_per_call"]["median"] for r in records):
-        lines += ["! stdev above 5% of the median: too noisy to compare; rerun with more --repeats or on a "
-                  "quieter machine.", ""]
-    if any(r["status"] == "ok" for r in records):
+    lines += ["", summary_table(records), ""]
+    if any_noisy(records):
+        lines += [NOISY_NOTE, ""]
+    if any_nonfinite(records):
+        lines += [NONFINITE_NOTE, ""]
+    if ok:
         lines += ["## Stages (one extra instrumented call, synchronized at each stage boundary)", "",
                   stage_table(records), ""]
     return "\n".join(lines)
 
 
-def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
+def write_summary(run_dir: Path, records: Sequence[Record]) -> str:
     """Write the latency plot and ``summary.md`` (which links the plot)."""
     from harness.plots import write_latency_plot, write_quality_plot
 
@@ -167,17 +204,18 @@ def write_summary(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
     plot = write_latency_plot(Path(run_dir), records)
     if plot is not None:
         text += f"\n![seconds per image against steps]({plot.name})\n"
-    scored = [(name, result) for r in records if r["status"] == "ok"
-              for name, result in r.get("metrics", {}).items() if "value" in result]
+    scored = [(name, result) for _, measured in successful(records)
+              for name, result in measured.metrics.items() if "value" in result]
     if scored:  # the first metric with values is plotted against latency
         name, result = scored[0]
-        quality = write_quality_plot(Path(run_dir), records, name, result.get("higher_is_better", True))
-        text += f"\n![{name} against seconds per image, Pareto front in red]({quality.name})\n"
+        quality = write_quality_plot(Path(run_dir), records, name, bool(result.get("higher_is_better", True)))
+        if quality is not None:
+            text += f"\n![{name} against seconds per image, Pareto front in red]({quality.name})\n"
     write_text_atomic(Path(run_dir) / SUMMARY_FILE, text)
     return text
 
 
-def _font(size: int = 14):
+def _font(size: int = 14) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
@@ -198,7 +236,7 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
     grid = Image.new("RGB", (columns * tile_w + (columns - 1) * GAP, rows * tile_h + (rows - 1) * GAP), "white")
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
-        grid.paste(image.convert("RGB").resize((tile_w, tile_h), Image.NEAREST),
+        grid.paste(image.convert("RGB").resize((tile_w, tile_h), Image.Resampling.NEAREST),
                    (column * (tile_w + GAP), row * (tile_h + GAP)))
     return grid
 
@@ -217,40 +255,104 @@ def comparison_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]]) -> Image.
         draw.text((4, y + 3), label, fill="black", font=font)
         y += LABEL_HEIGHT
         for column, image in enumerate(images):
-            canvas.paste(image.convert("RGB").resize((tile_w, tile_h), Image.NEAREST), (column * (tile_w + GAP), y))
+            tile = image.convert("RGB").resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (column * (tile_w + GAP), y))
         y += tile_h + GAP
     return canvas
 
 
-def row_label(record: dict[str, Any]) -> str:
-    seconds = record["timing"]["seconds_per_image"]
-    return f"{record['sampler']} | {record['steps']} steps | cfg {record['guidance_scale']:g} | {seconds:.3f} s/image"
+def row_label(record: Record, measured: Measured) -> str:
+    seconds = measured.timing.seconds_per_image
+    return f"{record.sampler} | {record.steps} steps | cfg {record.guidance_scale:g} | {seconds:.3f} s/image"
 
 
-def write_grids(run_dir: Path, record: dict[str, Any], baselines: Sequence[dict[str, Any]]) -> None:
+def write_grids(run_dir: Path, record: Record, baselines: Sequence[Record]) -> None:
     """Write the record's grid and its comparison grids against each baseline record."""
     run_dir = Path(run_dir)
-    images = [Image.open(run_dir / name) for name in record["images"]]
-    save_image_atomic(image_grid(images), run_dir / record["grid"])
-    for comparison in record.get("comparisons", []):
+    measured = record.measured
+    if measured is None:
+        return
+    images = [_open_image(run_dir, name) for name in measured.images]
+    save_image_atomic(image_grid(images), run_dir / measured.grid)
+    for comparison in measured.comparisons:
         baseline = next(
-            (b for b in baselines
-             if b["sampler"] == comparison["baseline_sampler"] and b["steps"] == comparison["baseline_steps"]),
+            ((b, bm) for b, bm in successful(baselines)
+             if b.sampler == comparison.baseline_sampler and b.steps == comparison.baseline_steps),
             None,
         )
         if baseline is None:
             continue
-        top = [Image.open(run_dir / name) for name in baseline["images"]]
-        grid = comparison_grid([(row_label(baseline), top), (row_label(record), images)])
-        save_image_atomic(grid, run_dir / comparison["path"])
+        top = [_open_image(run_dir, name) for name in baseline[1].images]
+        grid = comparison_grid([(row_label(*baseline), top), (row_label(record, measured), images)])
+        save_image_atomic(grid, run_dir / comparison.path)
 
 
-def rebuild(run_dir: Path) -> list[dict[str, Any]]:
-    """Redo ``summary.md`` and every grid of a run folder from its ``records.jsonl`` alone."""
-    records = read_records(Path(run_dir) / RECORDS_FILE)
-    ok = [r for r in records if r["status"] == "ok"]
-    baselines = [r for r in ok if r.get("baseline")]
-    for record in ok:
-        write_grids(run_dir, record, baselines)
+def _open_image(run_dir: Path, name: str) -> Image.Image:
+    """An image of the run, fully read (so a truncated file fails here, not while pasting)."""
+    with Image.open(run_dir / name) as opened:
+        opened.load()
+        image: Image.Image = opened.copy()
+    return image
+
+
+def inside_run_folder(run_dir: Path, name: Any) -> bool:
+    """Whether a file name from a record stays inside the run folder: relative, no '..', no link leading out.
+
+    Records are plain text anyone can edit; ``harness report`` must neither write nor show a file outside the run.
+    """
+    if not isinstance(name, str) or not name:
+        return False
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts:
+        return False
+    root = Path(run_dir).resolve()
+    return (root / path).resolve().is_relative_to(root)
+
+
+def files_outside(run_dir: Path, measured: Measured) -> list[str]:
+    """The files a record names (images it reads, grids it writes) that lie outside the run folder."""
+    names = [*measured.images, measured.grid, *(comparison.path for comparison in measured.comparisons)]
+    return [name for name in names if not inside_run_folder(run_dir, name)]
+
+
+def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -> list[Record]:
+    """Redo ``summary.md`` and every grid of a run folder from its ``records.jsonl`` alone.
+
+    A line that is not a record is skipped with a warning; a file with no record at all is refused, so a
+    good ``summary.md`` is never replaced by an empty one. A grid whose images are gone or unreadable, or
+    whose files lie outside the run folder, is left as it is and reported through ``on_warning``: the
+    summary and the other grids are still worth rebuilding.
+    """
+    run_dir = Path(run_dir)
+    skipped: list[str] = []
+
+    def skip(problem: str) -> None:
+        skipped.append(problem)
+        on_warning(problem)
+
+    records = read_records(run_dir / RECORDS_FILE, on_skip=skip)
+    if not records:
+        raise HarnessError(f"'{run_dir / RECORDS_FILE}' holds no record ({len(skipped)} line(s) skipped); "
+                           f"{SUMMARY_FILE} and the grids are left as they are. Pass the folder of a finished run.")
+    baselines = [record for record, measured in successful_baselines(records) if not files_outside(run_dir, measured)]
+    for record, measured in successful(records):
+        outside = files_outside(run_dir, measured)
+        if outside:
+            on_warning(f"not rebuilding the grids of {record.sampler} ({record.steps} steps): '{outside[0]}' "
+                       "lies outside the run folder (an absolute path, '..' or a link out of it).")
+            continue
+        try:
+            write_grids(run_dir, record, baselines)
+        except (OSError, Image.DecompressionBombError) as error:
+            # A missing, truncated, unidentifiable or oversized image: Pillow raises one of these for each.
+            on_warning(f"cannot rebuild the grids of {record.sampler} ({record.steps} steps): "
+                       f"{_unreadable(run_dir, error)}; the grid files already there are kept.")
     write_summary(run_dir, records)
     return records
+
+
+def _unreadable(run_dir: Path, error: Exception) -> str:
+    """Which image is missing or unreadable, named relative to the run folder as records name it."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"image '{os.path.relpath(error.filename, run_dir)}' is missing"
+    return one_line(error)

@@ -1,46 +1,115 @@
-"""Runs a benchmark: each sampler is loaded once, measured at each step count by ``harness.timing``,
-and its images, grids and records are written as soon as that measurement ends."""
+"""Runs a benchmark, in parts that each do one thing and can be tested alone:
+
+- :func:`plan` (pure): the run's measurements (:class:`Task`) and their pipeline calls, from the spec;
+- :func:`measure_share`: the timing protocol and the stage profile over one process's share of a task's calls;
+- :class:`Scorer`: the quality metrics of a measurement's images, outside the timed region;
+- :func:`build_record` (pure): the typed record of a measurement from what every process measured;
+- :class:`RunWriter`: every file of the run folder (images, grids, records, summary, plots);
+- :class:`BenchRun`: loads each sampler once and moves tasks through these parts, with the other processes
+  of a torchrun / accelerate launch job (``harness.distributed``) where there are several.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import hashlib
+import json
+import math
 import platform
 import random
 import statistics
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from harness import distributed, models, records, report, timing
 from harness.errors import HarnessError, one_line
-from harness.metric import MetricConfig, MetricInput
+from harness.metric import Metric, MetricConfig, MetricInput
+from harness.options import Options, setting
 from harness.plugins import Registry
 from harness.sampler import GenerationRequest, Sampler, SamplerConfig
+from harness.schema import Comparison, Measured, Memory, RankFigures, Record, Stages, Stats, Timing, UnetCounts
 from harness.speed import SpeedOptions
-
 
 # Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-@dataclass
-class BenchSpec:
-    """Everything ``harness bench`` was asked to do, after option parsing."""
+DTYPE_CHOICES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
+MAX_SEED = 2**64 - 1  # torch generators take seeds up to 2**64 - 1
 
-    samplers: list[str]
-    steps: list[int]
-    prompts: list[str]
+
+@dataclass(frozen=True)
+class BenchOptions(Options):
+    """What ``harness bench`` (and ``harness eval``) are asked, one option per field.
+
+    With :class:`harness.timing.TimingSettings`, :class:`harness.speed.SpeedOptions` and the selected
+    plugins' ``Options`` this is every option of the command and the only place their defaults live.
+    """
+
+    samplers: tuple[str, ...] = setting(("flash-lcm",), "Sampler(s) to run; several values after one flag or a "
+                                                         "repeated flag.", flags=("--sampler", "-s"))
+    prompt: str | None = setting(None, "Text prompt (default: a prompt suited to the model).")
+    prompts_file: str | None = setting(
+        None, "File of prompts (one per line, or JSONL with a 'prompt' field) or a built-in set: held-out (the "
+              "embedded model's 64 evaluation prompts), seed (the demo's prompts).", flags=("--prompts",),
+        metavar="FILE|SET")
+    steps: tuple[int, ...] = setting((2, 4, 8), "Inference steps of the few-step samplers, e.g. --steps 2 4 8.",
+                                     minimum=1)
+    seed: int | None = setting(None, "Random seed (0 to 2**64-1); also put into file names, as the seed demo does.",
+                               minimum=0, maximum=MAX_SEED)
+    outdir: str | None = setting(None, "Output folder (default: a new results/<UTC time>-<samplers>/).")
+    num_images: int = setting(1, "Images per prompt and step setting.", minimum=1)
+    compare_baseline: bool = setting(False, "Also run vanilla-sd and write comparison grids (baseline top, "
+                                            "few-step bottom).")
+    baseline_steps: int = setting(30, "Steps of baseline samplers.", minimum=1)
+    baseline_guidance: float = setting(7.5, "Guidance scale of baseline samplers.", minimum=0)
+    baseline_outdir: str | None = setting(None, "Folder for baseline images (default: OUTDIR/baseline).")
+    lora_path: str | None = setting(None, "Local LoRA folder or .safetensors file; takes precedence over --lora_id.")
+    lora_id: str | None = setting(None, "Hub LoRA id (default: jasperai/flash-sd on SD 1.5, the shipped LoRA on "
+                                        "embedded).")
+    model: str | None = setting(None, "sd15, sd15-arch (random weights, timing only), embedded, a hub id or a "
+                                      "diffusers folder (default: sd15 with CUDA, else embedded).")
+    dtype: str | None = setting(None, "Default: float16 on CUDA, float32 elsewhere.", choices=DTYPE_CHOICES)
+    device: str | None = setting(None, "cpu, cuda, cuda:N or mps (default: cuda when available).")
+    height: int | None = setting(None, "Image height in pixels, a multiple of 8.", minimum=8)
+    width: int | None = setting(None, "Image width in pixels, a multiple of 8.", minimum=8)
+    metrics: tuple[str, ...] = setting((), "Quality metric(s) scored on every measurement's images, outside the "
+                                           "timed region (several values or a repeated flag).", flags=("--metric",))
+    batch: int | None = setting(None, "Images per pipeline call (default: all --num_images in one call).",
+                                minimum=1)
+    overwrite: bool = setting(False, "Replace the records of an earlier run in --outdir.")
+    dry_run: bool = setting(False, "Print the plan as JSON and exit without loading models.")
+    as_json: bool = setting(False, "Print the records as JSON instead of the table.", flags=("--json",))
+    quiet: bool = setting(False, "No progress bar.", flags=("--quiet", "-q"))
+    html: bool = setting(False, "Also write OUTDIR/index.html: tables, grids, plots, configuration and environment "
+                                "on one self-contained page.")
+
+
+def default_of(options_class: type, name: str) -> Any:
+    """A setting's one default, for the places that need it outside the command line."""
+    return next(f.default for f in dataclasses.fields(options_class) if f.name == name)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything ``harness bench`` was asked to do, after option parsing; never changed by a run."""
+
+    samplers: tuple[str, ...]
+    steps: tuple[int, ...]
     model: str
     outdir: Path
-    num_images: int = 1
+    prompts: tuple[str, ...] = ()  # none: the model's default prompt
+    num_images: int = default_of(BenchOptions, "num_images")
     seed: int | None = None
-    baseline_steps: int = 30
-    baseline_guidance: float = 7.5
+    baseline_steps: int = default_of(BenchOptions, "baseline_steps")
+    baseline_guidance: float = default_of(BenchOptions, "baseline_guidance")
     baseline_outdir: Path | None = None
     lora_path: str | None = None
     lora_id: str | None = None
@@ -51,23 +120,35 @@ class BenchSpec:
     timing: timing.TimingSettings = field(default_factory=timing.TimingSettings)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     batch: int | None = None  # images per pipeline call; None: all --num_images in one call
-    sampler_options: dict[str, Any] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=list)
-    metric_options: dict[str, Any] = field(default_factory=dict)
+    sampler_options: Mapping[str, Options] = field(default_factory=dict)  # by sampler name
+    metrics: tuple[str, ...] = ()
+    metric_options: Mapping[str, Options] = field(default_factory=dict)  # by metric name
 
     @property
     def images_per_call(self) -> int:
         return self.batch or self.num_images
 
-    def config_dict(self, seed: int) -> dict[str, Any]:
-        config = asdict(self)
-        config.update(config.pop("timing"))
-        config.update(seed=seed, outdir=str(self.outdir),
-                      baseline_outdir=str(self.baseline_outdir) if self.baseline_outdir else None)
+    def config_dict(self, seed: int | None, prompts: Sequence[str]) -> dict[str, Any]:
+        """The run configuration every record carries (flat, as README's Records table lists it)."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        config.update(
+            samplers=list(self.samplers), steps=list(self.steps), prompts=list(prompts), metrics=list(self.metrics),
+            seed=seed, outdir=str(self.outdir),
+            baseline_outdir=str(self.baseline_outdir) if self.baseline_outdir else None,
+            speed=dataclasses.asdict(self.speed),
+            sampler_options=_flat_options(self.sampler_options), metric_options=_flat_options(self.metric_options),
+        )
+        config.pop("timing")
+        config.update(dataclasses.asdict(self.timing))
         return config
 
 
-@dataclass
+def _flat_options(by_plugin: Mapping[str, Options]) -> dict[str, Any]:
+    """Every plugin's settings by option name (names are unique across plugins: the CLI enforces it)."""
+    return {name: value for options in by_plugin.values() for name, value in dataclasses.asdict(options).items()}
+
+
+@dataclass(frozen=True)
 class Task:
     """One (sampler, steps) measurement and where its files go, relative to the run folder."""
 
@@ -76,13 +157,47 @@ class Task:
     guidance_scale: float
     baseline: bool
     folder: str  # "" for the run folder itself
+    file_label: str = ""  # the sampler's short name in comparison-grid names ("flash" for flash-lcm)
 
 
-def seed_suffix(seed: int | None) -> str:
-    return "" if seed is None else f"_seed{seed}"
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: its measurements in order (baselines first) and the prompts every one draws."""
+
+    tasks: tuple[Task, ...]
+    prompts: tuple[str, ...]
+    seed: int
+    num_images: int
+    images_per_call: int
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def baselines(self) -> tuple[Task, ...]:
+        return tuple(task for task in self.tasks if task.baseline)
+
+    @property
+    def calls_per_task(self) -> int:
+        return len(self.prompts) * (self.num_images // self.images_per_call)
+
+    def requests(self, task: Task) -> list[GenerationRequest]:
+        """One request per prompt and batch; image i of prompt p always uses seed + p * num_images + i."""
+        n, batch = self.num_images, self.images_per_call
+        return [
+            GenerationRequest(
+                prompt,
+                task.steps,
+                task.guidance_scale,
+                tuple(self.seed + p * n + i for i in range(start, start + batch)),
+                self.height,
+                self.width,
+            )
+            for p, prompt in enumerate(self.prompts)
+            for start in range(0, n, batch)
+        ]
 
 
-def plan(spec: BenchSpec, registry: Registry) -> list[Task]:
+def plan(spec: BenchSpec, registry: Registry, default_prompt: str, seed: int) -> Plan:
     """Baselines first, so each few-step measurement can be compared with them as soon as it ends."""
     classes = {name: registry.sampler(name).cls for name in spec.samplers}
     baselines = [n for n in spec.samplers if classes[n].is_baseline]
@@ -91,11 +206,24 @@ def plan(spec: BenchSpec, registry: Registry) -> list[Task]:
     tasks = []
     for name in baselines:
         folder = baseline_root if len(baselines) == 1 else f"{baseline_root}/{name}"
-        tasks.append(Task(name, spec.baseline_steps, spec.baseline_guidance, True, folder))
+        tasks.append(
+            Task(name, spec.baseline_steps, spec.baseline_guidance, True, folder, classes[name].file_label or name)
+        )
     for name in few_step:
         folder = "" if len(few_step) == 1 else name
-        tasks += [Task(name, steps, classes[name].default_guidance, False, folder) for steps in spec.steps]
-    return tasks
+        tasks += [
+            Task(name, steps, classes[name].default_guidance, False, folder, classes[name].file_label or name)
+            for steps in spec.steps
+        ]
+    return Plan(
+        tuple(tasks),
+        spec.prompts or (default_prompt,),
+        seed,
+        spec.num_images,
+        spec.images_per_call,
+        spec.height,
+        spec.width,
+    )
 
 
 def _baseline_folder(spec: BenchSpec) -> str:
@@ -112,6 +240,10 @@ def _relative_or_absolute(path: Path, root: Path) -> str:
         return str(path)
 
 
+def seed_suffix(seed: int | None) -> str:
+    return "" if seed is None else f"_seed{seed}"
+
+
 def file_names(task: Task, index: int, seed: int | None) -> tuple[str, str]:
     """The seed's names: (image ``index``, the task's grid), relative to the run folder."""
     prefix = "baseline" if task.baseline else "image"
@@ -121,9 +253,12 @@ def file_names(task: Task, index: int, seed: int | None) -> tuple[str, str]:
     return f"{folder}{prefix}_s{task.steps}_i{index}{suffix}.png", f"{folder}{grid}{suffix}.png"
 
 
-def comparison_name(task: Task, baseline: Task, seed: int | None) -> str:
+def comparison_name(task: Task, baseline: Task, baselines: int, seed: int | None) -> str:
+    """The seed's ``compare_baseline30_flash4_seed42.png``, named after the sampler (``file_label``); with
+    several baselines each one's name replaces ``baseline``, so no two comparisons share a file."""
     folder = f"{task.folder}/" if task.folder else ""
-    return f"{folder}compare_baseline{baseline.steps}_flash{task.steps}{seed_suffix(seed)}.png"
+    top = "baseline" if baselines == 1 else baseline.file_label
+    return f"{folder}compare_{top}{baseline.steps}_{task.file_label}{task.steps}{seed_suffix(seed)}.png"
 
 
 @dataclass
@@ -139,7 +274,445 @@ class Share:
     warnings: list[tuple[int, str]]  # (call index, warning) from the sampler's check of each call
     deterministic: bool
     measurement: timing.Measurement  # without its outputs: the images above are what travels
-    profile: timing.Profile
+    profile: Stages
+
+
+def measure_share(
+    sampler: Sampler,
+    requests: Sequence[GenerationRequest],
+    load_s: float,
+    device: torch.device,
+    settings: timing.TimingSettings,
+    world: distributed.World,
+) -> Share:
+    """The timing protocol over this rank's round-robin share of the calls (all of them with one process)."""
+    mine = distributed.shard(list(enumerate(requests)), world)
+    warnings = [(number, warning) for number, request in mine for warning in sampler.check(request)]
+    calls = [partial(sampler.generate, request) for _, request in mine]
+    measurement = timing.measure(calls, device, settings)
+    per_call = requests[0].num_images
+    stage_profile = timing.profile(calls[0], sampler.components(), device, per_call)
+    problem = nonfinite_problem(stage_profile, per_call)
+    if problem is not None:
+        if stage_profile.nonfinite_images == per_call:
+            raise HarnessError(problem)  # every image is blank: no figure of this measurement means anything
+        warnings.append((mine[0][0], problem))
+    digests = [_digest(image for output in outputs for image in output) for outputs in measurement.outputs]
+    images = {
+        number * per_call + i: image
+        for (number, _), output in zip(mine, measurement.outputs[-1])
+        for i, image in enumerate(output)
+    }
+    measurement.outputs = []  # every pass's images would travel to rank 0 otherwise
+    return Share(
+        world.rank,
+        platform.node(),
+        str(device),
+        len(calls),
+        load_s,
+        images,
+        warnings,
+        len(set(digests)) == 1,
+        measurement,
+        stage_profile,
+    )
+
+
+def nonfinite_problem(stages: Stages, images: int) -> str | None:
+    """What the instrumented call's check for NaN and inf found, in one line; None when every value was finite."""
+    found = []
+    if stages.nonfinite_unet_calls:
+        found.append(f"the UNet gave NaN or inf values in {stages.nonfinite_unet_calls} of {stages.unet_calls} calls")
+    if stages.nonfinite_images == images:
+        found.append("every decoded image is NaN or inf")
+    elif stages.nonfinite_images:
+        found.append(f"{stages.nonfinite_images} of {images} decoded images are NaN or inf")
+    if not found:
+        return None
+    return (f"{' and '.join(found)} (the instrumented call); with float16 or bfloat16 try --dtype float32 (half "
+            "precision overflows in some UNets and VAEs), otherwise check the model's and the LoRA's weights for NaN.")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The images quality metrics compare with: the first baseline's, and which baseline that is."""
+
+    label: str
+    images: list[Any]
+
+
+class Scorer:
+    """Every requested metric on a measurement's images; a metric that cannot score says why in the record."""
+
+    def __init__(
+        self, metrics: Mapping[str, Metric], random_weights_note: str | None, on_warning: Callable[[str], None]
+    ):
+        self.metrics = metrics
+        self.random_weights_note = random_weights_note
+        self.on_warning = on_warning
+
+    def score(
+        self, task: Task, images: list[Any], prompts: list[str], reference: Reference | None
+    ) -> dict[str, dict[str, Any]]:
+        scores: dict[str, dict[str, Any]] = {}
+        for name, metric in self.metrics.items():
+            references = None
+            if self.random_weights_note is not None:
+                scores[name] = {"skipped": f"{self.random_weights_note}: quality metrics mean nothing here"}
+                continue
+            if metric.needs_reference:
+                if task.baseline:
+                    scores[name] = {"skipped": "this measurement is the reference"}
+                    continue
+                if reference is None:
+                    scores[name] = {"skipped": "no baseline in this run to compare with: add --compare_baseline"}
+                    continue
+                references = reference.images
+            try:
+                result = metric.score(MetricInput(images, prompts, references))
+            except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
+                self.on_warning(f"metric {name} on {task.sampler} {task.steps} steps: {one_line(error)}")
+                scores[name] = {"error": one_line(error)}
+                continue
+            if reference is not None and references is not None:
+                result["reference"] = reference.label
+            scores[name] = {**result, "higher_is_better": metric.higher_is_better}
+        return scores
+
+
+@dataclass(frozen=True)
+class RecordContext:
+    """What every record of a run shares: its configuration, environment and number of processes."""
+
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    world_size: int
+
+    def failed(self, task: Task, error: str) -> Record:
+        return Record(
+            sampler=task.sampler,
+            baseline=task.baseline,
+            steps=task.steps,
+            guidance_scale=task.guidance_scale,
+            created_utc=records.utc_now(),
+            config=self.config,
+            environment=self.environment,
+            world_size=self.world_size,
+            error=error,
+        )
+
+
+def build_record(
+    context: RecordContext,
+    task: Task,
+    shares: Sequence[Share],
+    info: dict[str, Any],
+    image_names: list[str],
+    grid: str,
+    image_size: list[int],
+    warnings: list[str],
+    metrics: dict[str, dict[str, Any]],
+    comparisons: list[Comparison],
+) -> Record:
+    """The record of a measurement from every rank's share (pure: no file, no clock but the creation time)."""
+    per_call = len(image_names) // sum(share.calls for share in shares)
+    samples = [s for share in shares for s in share.measurement.samples]
+    stats = Stats.from_samples(samples)
+    per_image = stats.median / per_call
+    # All ranks together: every measured image over the wall clock from the first start to the last finish.
+    measured_images = len(samples) * per_call
+    wall_s = max(share.measurement.finished for share in shares) - min(share.measurement.started for share in shares)
+    profile = shares[0].profile
+    evaluations = sum(profile.unet_batch_sizes)
+    measured = Measured(
+        sampler_info=info,
+        timing=Timing(
+            load_s=statistics.median(share.load_s for share in shares),
+            first_call_s=statistics.median(share.measurement.first_call_s for share in shares),
+            seconds_per_call=stats,
+            samples_s=samples,
+            images_per_call=per_call,
+            seconds_per_image=per_image,
+            images_per_s=1.0 / per_image,
+            aggregate_images_per_s=measured_images / wall_s if wall_s > 0 else None,
+        ),
+        unet=UnetCounts(
+            calls=profile.unet_calls,
+            batch_sizes=sorted(set(profile.unet_batch_sizes)),
+            evaluations=evaluations,
+            evaluations_per_image=evaluations / per_call,
+        ),
+        stages=profile,
+        memory=Memory.largest([Memory(**share.measurement.memory) for share in shares]),
+        deterministic=all(share.deterministic for share in shares),
+        image_size=image_size,
+        images=image_names,
+        grid=grid,
+        warnings=warnings,
+        metrics=metrics,
+        comparisons=comparisons,
+        ranks=[
+            RankFigures(
+                rank=share.rank,
+                host=share.host,
+                device=share.device,
+                calls=share.calls,
+                load_s=share.load_s,
+                first_call_s=share.measurement.first_call_s,
+                seconds_per_image=share.measurement.stats.median / per_call,
+                measured_s=share.measurement.finished - share.measurement.started,
+                memory=Memory(**share.measurement.memory),
+            )
+            for share in shares
+        ],
+    )
+    return Record(
+        sampler=task.sampler,
+        baseline=task.baseline,
+        steps=task.steps,
+        guidance_scale=task.guidance_scale,
+        created_utc=records.utc_now(),
+        config=context.config,
+        environment=context.environment,
+        world_size=context.world_size,
+        measured=measured,
+    )
+
+
+class RunWriter:
+    """Every file of a run folder: images, grids, ``records.jsonl`` (appended whole, one record at a time),
+    ``summary.md`` and the plots. Only rank 0 has one."""
+
+    def __init__(self, outdir: Path):
+        self.outdir = Path(outdir)
+        self.records: list[Record] = []
+
+    @property
+    def records_path(self) -> Path:
+        return self.outdir / records.RECORDS_FILE
+
+    def make_folders(self, tasks: Sequence[Task]) -> None:
+        for task in tasks:
+            (self.outdir / task.folder).mkdir(parents=True, exist_ok=True)
+
+    def save_images(self, images: Sequence[Any], names: Sequence[str]) -> None:
+        for image, name in zip(images, names):
+            records.save_image_atomic(image, self.outdir / name)
+
+    def add(self, record: Record) -> None:
+        """Append the record to ``records.jsonl`` (and its grids first, when it has images)."""
+        if record.measured is not None:
+            report.write_grids(self.outdir, record, [r for r in self.records if r.baseline and r.ok])
+        records.append_record(self.records_path, record)
+        self.records.append(record)
+
+    def write_summary(self) -> None:
+        report.write_summary(self.outdir, self.records)
+
+
+def check_device(requested: str | None) -> None:
+    """Refuse a ``--device`` no pipeline can run on, naming the ones this machine has, before anything loads.
+
+    torch accepts names such as ``meta``, ``xpu`` or ``cuda:7`` on a one-GPU machine, which would fail only deep
+    inside loading. CUDA or MPS missing altogether is left to :func:`harness.models.resolve_device`, whose
+    message says how to get them.
+    """
+    if requested is None:
+        return
+    try:
+        device: torch.device | None = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is not None and device.type in ("cuda", "mps") and not _has(device.type):
+        return
+    gpus = torch.cuda.device_count() if _has("cuda") else 0
+    names = ["cpu", *(["cuda", *(f"cuda:{index}" for index in range(gpus))] if gpus else []),
+             *(["mps"] if _has("mps") else [])]
+    if device is not None and str(device) in {*names, "cpu:0", "mps:0"}:
+        return
+    reason = f" (this machine has {gpus} GPU{'' if gpus == 1 else 's'})" if device is not None and gpus and \
+        device.type == "cuda" else ""
+    listing = f"one of: {', '.join(names)}" if len(names) > 1 else names[0]
+    raise HarnessError(f"--device {requested} is not a device a pipeline can run on{reason}; use {listing}.")
+
+
+def _has(device_type: str) -> bool:
+    return torch.cuda.is_available() if device_type == "cuda" else torch.backends.mps.is_available()
+
+
+# Peak memory of one pipeline call, from the model's architecture alone. The factors count the live activations
+# per position of the largest stage, in units of that stage's channels; they are fitted to the peak RSS of float32
+# calls on a CPU (the embedded model and sd15-arch, 64 to 512 pixels, 1 and 2 images) and rounded up, so the
+# estimate errs high: it is there to refuse what cannot fit, not to promise that the rest will.
+UNET_FACTOR = 32  # per latent position (times the batch) and channel of the UNet's first block
+UNET_ATTENTION_FACTOR = 56  # the same when that block attends too (SD 1.5), with its wide feed-forward
+VAE_FACTOR = 5  # per pixel and channel entering the decoder's full-resolution block (block_out_channels[1])
+IMAGE_COPIES = 4  # the decoded batch as float32: the decoder's output, denormalized, on the CPU, as numpy
+CALL_OVERHEAD = 64 * 2**20  # text encoding, the scheduler, the allocator's slack
+
+
+@dataclass(frozen=True)
+class CallMemory:
+    """The estimated peak memory of one pipeline call, in bytes, by what holds it."""
+
+    weights: int
+    unet: int  # the UNet's activations, freed before the decoder runs
+    decoder: int
+    images: int
+    overhead: int = CALL_OVERHEAD
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.unet, self.decoder) + self.images + self.overhead
+
+
+def estimate_call_memory(unet: Mapping[str, Any], vae: Mapping[str, Any], height: int, width: int, images: int,
+                         guided: bool, dtype: torch.dtype, speed: SpeedOptions, parameters: int = 0) -> CallMemory:
+    """About the most memory one call of ``images`` images holds at once (the formula is above the factors)."""
+    value = dtype.itemsize
+    scale = _vae_scale(vae)
+    latent = (height // scale) * (width // scale)
+    unet_batch = images * (2 if guided else 1)  # classifier-free guidance doubles the UNet's batch
+    factor = UNET_ATTENTION_FACTOR if "CrossAttn" in unet["down_block_types"][0] else UNET_FACTOR
+    unet_bytes = unet_batch * latent * int(unet["block_out_channels"][0]) * value * factor
+    tile = _first(vae.get("sample_size", max(height, width)))
+    decoded_height, decoded_width = (min(height, tile), min(width, tile)) if speed.vae_tiling else (height, width)
+    decoder_batch = 1 if speed.vae_slicing else images
+    channels = vae["block_out_channels"]
+    decoder_bytes = decoder_batch * decoded_height * decoded_width * int(channels[min(1, len(channels) - 1)]) * value \
+        * VAE_FACTOR
+    if speed.attention == "math":  # matmul + softmax hold all scores at once: two (positions x positions) matrices
+        level = next((index for index, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind), None)
+        if level is not None:
+            heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 1
+            heads = heads[level] if isinstance(heads, list) else heads
+            unet_bytes += 2 * unet_batch * int(heads) * (latent // 4**level) ** 2 * value
+        if vae.get("mid_block_add_attention", True):
+            positions = (decoded_height // scale) * (decoded_width // scale)
+            decoder_bytes += 2 * decoder_batch * positions**2 * value
+    return CallMemory(parameters * value, unet_bytes, decoder_bytes, IMAGE_COPIES * images * 3 * height * width * 4)
+
+
+def native_size(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> tuple[int, int]:
+    """(height, width) a pipeline draws without --height/--width: the UNet's sample size times the VAE's scale."""
+    size = unet["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height) * _vae_scale(vae), int(width) * _vae_scale(vae)
+
+
+def _vae_scale(vae: Mapping[str, Any]) -> int:
+    return int(2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def _first(size: Any) -> int:
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def model_architecture(model: models.ModelSpec) -> tuple[dict[str, Any], dict[str, Any], int] | None:
+    """The UNet's and the VAE's config and the weights' parameter count, read from disk with nothing loaded.
+
+    None for a hub model that is not in the local cache (it is only downloaded when it loads) or a folder
+    without those configs.
+    """
+    folder = Path(model.location)
+    if not folder.is_dir():  # a hub id (sd15 too): its files are in the hub's cache, if anywhere
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model.location, "unet/config.json")
+        except ValueError:  # a name the hub would refuse; loading will say so
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent.parent
+    try:
+        unet, vae = (json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
+                     for part in ("unet", "vae"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(unet, dict) or not isinstance(vae, dict):
+        return None
+    return unet, vae, sum(_parameters(folder / part) for part in ("unet", "vae", "text_encoder"))
+
+
+def _parameters(folder: Path) -> int:
+    """The parameters in a component folder's safetensors files, from their headers (no weight is read).
+
+    Of several files, the largest count: they are variants (``.fp16``) of the same weights.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    counts = [0]
+    for path in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                counts.append(sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()))
+        except (OSError, SafetensorError):
+            continue  # a damaged file: loading will name it
+    return max(counts)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still take on ``device``: the GPU's free memory, or on a CPU the kernel's estimate
+    (MemAvailable), capped by a container's memory limit; None where unknown (MPS, no /proc)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    available = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")),
+                     None)
+    limit = _container_room()
+    return available if limit is None or available is None else min(available, limit)
+
+
+def _container_room() -> int | None:
+    """What a cgroup memory limit (v2, else v1) leaves free; None without one."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (Path("/sys/fs/cgroup") / limit_file).read_text().strip()
+            usage = int((Path("/sys/fs/cgroup") / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
+            return max(int(limit) - usage, 0)
+    return None
+
+
+def refuse_what_cannot_fit(spec: BenchSpec, run_plan: Plan, model: models.ModelSpec, device: torch.device,
+                           dtype: torch.dtype) -> None:
+    """Refuse, before anything loads, a call size whose estimated peak memory exceeds what the device has free.
+
+    One such call (a 4096x4096 image on a CPU) can run for many minutes inside a single native operation
+    that no Ctrl-C reaches, and then be killed for memory with nothing to show.
+    """
+    architecture = model_architecture(model)
+    if architecture is None:
+        return
+    unet, vae, parameters = architecture
+    images = run_plan.images_per_call
+    try:
+        native_height, native_width = native_size(unet, vae)
+        height, width = spec.height or native_height, spec.width or native_width
+        guided = any(task.guidance_scale > 1 for task in run_plan.tasks)  # diffusers' test for guidance
+        needed = estimate_call_memory(unet, vae, height, width, images, guided, dtype, spec.speed, parameters)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return  # not the Stable Diffusion layout the estimate knows; loading will tell
+    available = available_memory(device)
+    if available is None or needed.total <= available:
+        return
+    size = f"--height {height} --width {width}" if spec.height or spec.width else f"the model's {height}x{width}"
+    fixes = ["a smaller size", *(["--batch 1"] if images > 1 else []),
+             *(["--vae-tiling"] if needed.decoder > needed.unet and not spec.speed.vae_tiling else []),
+             *(["--attention default"] if spec.speed.attention == "math" else []), "another device"]
+    gib = 2**30
+    raise HarnessError(f"{size} with {images} image{'' if images == 1 else 's'} per call needs about "
+                       f"{needed.total / gib:.1f} GiB for one call on {device}, but {available / gib:.1f} GiB are "
+                       f"available; use {', '.join(fixes[:-1])}, or {fixes[-1]}.")
 
 
 class BenchRun:
@@ -149,46 +722,71 @@ class BenchRun:
     task's pipeline calls; rank 0 gathers the shares, writes every file and holds the records.
     """
 
-    def __init__(self, spec: BenchSpec, registry: Registry, on_progress: Callable[[Task], None] = lambda _: None,
-                 world: distributed.World = distributed.World()):
+    def __init__(
+        self,
+        spec: BenchSpec,
+        registry: Registry,
+        on_progress: Callable[[Task], None] = lambda _: None,
+        world: distributed.World = distributed.SINGLE_PROCESS,
+    ):
         self.spec = spec
         self.registry = registry
         self.on_progress = on_progress
         self.on_warning: Callable[[str], None] = lambda _: None
+        self.on_loaded: Callable[[], None] = lambda: None  # after each sampler loaded in every process
         self.world = world
+        check_device(spec.device)
         self.device = distributed.local_device(models.resolve_device(spec.device), world)
         self.dtype = models.resolve_dtype(spec.dtype, self.device)
         self.model = models.resolve_model(spec.model)
-        if not spec.prompts:
-            spec.prompts = [self.model.default_prompt]
-        self.tasks = plan(spec, registry)
-        calls = len(spec.prompts) * (spec.num_images // spec.images_per_call)
-        if world.size > calls:
-            raise HarnessError(f"{world.size} processes share {calls} pipeline call(s) per measurement "
-                               f"({len(spec.prompts)} prompt(s) x {calls // len(spec.prompts)} call(s) each); launch "
-                               "at most that many processes, or give more prompts with --prompts.")
         # Without --seed, draw one so the run is still reproducible from its records (rank 0's, see run()).
-        self.seed = spec.seed if spec.seed is not None else random.randrange(2**31)
-        self.records: list[dict[str, Any]] = []
-        metric_config = MetricConfig(self.device, dict(spec.metric_options))
-        self.metrics = {name: registry.metric(name).cls(metric_config) for name in spec.metrics}
-        self.reference: tuple[str, list] | None = None  # the first baseline's label and images
+        seed = spec.seed if spec.seed is not None else random.randrange(2**31)
+        self.plan = plan(spec, registry, self.model.default_prompt, seed)
+        calls = self.plan.calls_per_task
+        if world.size > calls:
+            prompts = len(self.plan.prompts)
+            raise HarnessError(
+                f"{world.size} processes share {calls} pipeline call(s) per measurement "
+                f"({prompts} prompt(s) x {calls // prompts} call(s) each); launch at most that many "
+                "processes, or give more prompts with --prompts."
+            )
+        refuse_what_cannot_fit(spec, self.plan, self.model, self.device, self.dtype)
+        self.metrics = {
+            name: registry.metric(name).cls(MetricConfig(self.device), spec.metric_options.get(name))
+            for name in spec.metrics
+        }
+        self.reference: Reference | None = None
         self.errors: list[str] = []
         self.outdir = Path(spec.outdir)
+        self.writer = RunWriter(self.outdir)
+        # on_warning is looked up at each warning: the CLI sets it after the run is made.
+        self.scorer = Scorer(self.metrics, self.model.note if self.model.random_weights else None,
+                             lambda message: self.on_warning(message))
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.plan.tasks
+
+    @property
+    def records(self) -> list[Record]:
+        return self.writer.records
 
     @property
     def records_path(self) -> Path:
-        return self.outdir / records.RECORDS_FILE
+        return self.writer.records_path
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[Record]:
         # Every rank must draw its images from the same seeds: rank 0's seed is the run's.
-        self.seed = distributed.all_gather(self.seed, self.world)[0]
+        self.plan = dataclasses.replace(self.plan, seed=distributed.all_gather(self.plan.seed, self.world)[0])
         main = self.world.is_main
         try:
             if main:
-                for task in self.tasks:
-                    (self.outdir / task.folder).mkdir(parents=True, exist_ok=True)
-                self.environment = records.environment(self.device, self.dtype, self.registry.pm)
+                self.writer.make_folders(self.tasks)
+                config = self.spec.config_dict(self.plan.seed, self.plan.prompts)
+                config.update(model=self.model.name, model_location=self.model.location)
+                self.context = RecordContext(
+                    config, records.environment(self.device, self.dtype, self.registry.pm), self.world.size
+                )
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:
@@ -205,16 +803,17 @@ class BenchRun:
         finally:
             if main:
                 try:
-                    report.write_summary(self.outdir, self.records)
+                    self.writer.write_summary()
                 except OSError:
                     pass  # the records are the source of truth: `harness report` rebuilds the summary from them
         return self.records
 
     def _run_sampler(self, name: str, tasks: list[Task]) -> None:
         cls = self.registry.sampler(name).cls
-        config = SamplerConfig(self.model, self.device, self.dtype, self.spec.lora_path, self.spec.lora_id,
-                               dict(self.spec.sampler_options), self.spec.speed)
-        sampler: Sampler = cls(config)
+        config = SamplerConfig(
+            self.model, self.device, self.dtype, self.spec.lora_path, self.spec.lora_id, self.spec.speed
+        )
+        sampler = cls(config, self.spec.sampler_options.get(name))
         try:
             try:
                 _, load_s = timing.timed(sampler.load, self.device)
@@ -223,14 +822,16 @@ class BenchRun:
                 load_s, load_error = 0.0, one_line(error)
             # Every rank learns whether all of them loaded: they measure this sampler together or not at all.
             load_error = self._first_failure(distributed.all_gather(load_error, self.world))
-            if load_error is not None:
+            if load_error is None:
+                self.on_loaded()
+            else:
                 self.errors.append(f"{name}: {load_error}")
                 for task in tasks:
                     if self.world.is_main:
-                        self._append_failure(task, load_error)
+                        self.writer.add(self.context.failed(task, load_error))
                     self.on_progress(task)
                 return
-            info = asdict(sampler.describe())
+            info = dataclasses.asdict(sampler.describe())
             for task in tasks:
                 self._measure(sampler, task, load_s, info)
                 self.on_progress(task)
@@ -256,47 +857,25 @@ class BenchRun:
         """The first failed rank's error, naming the rank when there are several."""
         return next((self.world.label(rank) + error for rank, error in enumerate(errors) if error is not None), None)
 
-    def _requests(self, task: Task) -> list[GenerationRequest]:
-        """One request per prompt and batch; image i of prompt p always uses seed + p * num_images + i."""
-        n, batch = self.spec.num_images, self.spec.images_per_call
-        return [
-            GenerationRequest(prompt, task.steps, task.guidance_scale,
-                              tuple(self.seed + p * n + i for i in range(start, start + batch)),
-                              self.spec.height, self.spec.width)
-            for p, prompt in enumerate(self.spec.prompts) for start in range(0, n, batch)
-        ]
-
     def _measure(self, sampler: Sampler, task: Task, load_s: float, info: dict[str, Any]) -> None:
         """Every rank times its share of the task's calls; rank 0 writes what they made into one record."""
-        requests = self._requests(task)
+        requests = self.plan.requests(task)
         distributed.barrier(self.world)  # all ranks start measuring together, so their wall clocks overlap
-        share, error = self._guarded(lambda: self._measure_share(sampler, requests, load_s))
+        share, error = self._guarded(
+            lambda: measure_share(sampler, requests, load_s, self.device, self.spec.timing, self.world)
+        )
         shares = distributed.gather((share, error), self.world)
-        if not self.world.is_main:
+        if shares is None:  # not rank 0: it has sent its share
             return
         error = self._first_failure([error for _, error in shares])
         if error is None:
             _, error = self._guarded(lambda: self._record(task, requests, [s for s, _ in shares], info))
         if error is not None:
-            self._fail(task, error)
-
-    def _measure_share(self, sampler: Sampler, requests: list[GenerationRequest], load_s: float) -> Share:
-        """The timing protocol over this rank's round-robin share of the calls (all of them with one process)."""
-        mine = distributed.shard(list(enumerate(requests)), self.world)
-        warnings = [(number, warning) for number, request in mine for warning in sampler.check(request)]
-        calls = [partial(sampler.generate, request) for _, request in mine]
-        measurement = timing.measure(calls, self.device, self.spec.timing)
-        stage_profile = timing.profile(calls[0], sampler.components(), self.device)
-        digests = [_digest(image for output in outputs for image in output) for outputs in measurement.outputs]
-        per_call = self.spec.images_per_call
-        images = {number * per_call + i: image
-                  for (number, _), output in zip(mine, measurement.outputs[-1]) for i, image in enumerate(output)}
-        measurement.outputs = []  # every pass's images would travel to rank 0 otherwise
-        return Share(self.world.rank, platform.node(), str(self.device), len(calls), load_s, images, warnings,
-                     len(set(digests)) == 1, measurement, stage_profile)
+            self.errors.append(f"{task.sampler} ({task.steps} steps): {error}")
+            self.writer.add(self.context.failed(task, error))
 
     def _record(self, task: Task, requests: list[GenerationRequest], shares: list[Share], info: dict[str, Any]) -> None:
-        """Rank 0: the shares' images into the run folder, their timings into one record, metrics, grids."""
+        """Rank 0: the shares' images into the run folder, their figures into one record, metrics, grids."""
         warnings = list(dict.fromkeys(warning for _, warning in sorted(w for share in shares for w in share.warnings)))
         for warning in warnings:
             self.on_warning(warning)
@@ -304,145 +883,35 @@ class BenchRun:
         images = [by_index[index] for index in range(len(by_index))]
         seed_in_names = self.spec.seed
         names = [file_names(task, index, seed_in_names)[0] for index in range(len(images))]
-        for image, name in zip(images, names):
-            records.save_image_atomic(image, self.outdir / name)
-
+        self.writer.save_images(images, names)
         prompts = [request.prompt for request in requests for _ in request.seeds]
         if task.baseline and self.reference is None:
-            self.reference = (f"{task.sampler} {task.steps} steps", images)
-        per_call = self.spec.images_per_call
-        stats = timing.Stats.from_samples([s for share in shares for s in share.measurement.samples])
-        per_image = stats.median / per_call
-        # All ranks together: every measured image over the wall clock from the first start to the last finish.
-        measured_images = sum(len(share.measurement.samples) for share in shares) * per_call
-        wall_s = (max(share.measurement.finished for share in shares)
-                  - min(share.measurement.started for share in shares))
-        baselines = [t for t in self.tasks if t.baseline]
-        record = {
-            "schema": records.SCHEMA,
-            "status": "ok",
-            "created_utc": records.utc_now(),
-            "sampler": task.sampler,
-            "baseline": task.baseline,
-            "steps": task.steps,
-            "guidance_scale": task.guidance_scale,
-            "sampler_info": info,
-            "config": self._config(),
-            "environment": self.environment,
-            "world_size": self.world.size,
-            "timing": {
-                "load_s": statistics.median(share.load_s for share in shares),
-                "first_call_s": statistics.median(share.measurement.first_call_s for share in shares),
-                "seconds_per_call": stats.as_dict(),
-                "samples_s": [s for share in shares for s in share.measurement.samples],
-                "images_per_call": per_call,
-                "seconds_per_image": per_image,
-                "images_per_s": 1.0 / per_image,
-                "aggregate_images_per_s": measured_images / wall_s if wall_s > 0 else None,
-            },
-            "unet": _unet_counts(shares[0].profile, per_call),
-            "stages": shares[0].profile.as_dict(),
-            "memory": {key: max(share.measurement.memory[key] for share in shares)
-                       for key in shares[0].measurement.memory},
-            "deterministic": all(share.deterministic for share in shares),
-            "image_size": list(images[0].size),
-            "warnings": warnings,
-            "metrics": self._score(task, images, prompts),
-            "images": names,
-            "grid": file_names(task, 0, seed_in_names)[1],
-            "comparisons": [] if task.baseline else [
-                {"baseline_sampler": b.sampler, "baseline_steps": b.steps,
-                 "path": comparison_name(task, b, seed_in_names)} for b in baselines
-            ],
-            "ranks": [_rank_entry(share, per_call) for share in shares],
-        }
-        report.write_grids(self.outdir, record, [r for r in self.records if r.get("baseline") and r["status"] == "ok"])
-        self._append(record)
-
-    def _score(self, task: Task, images: list, prompts: list[str]) -> dict[str, dict[str, Any]]:
-        """Every requested metric on this measurement's images; a metric that cannot score says why."""
-        scores = {}
-        for name, metric in self.metrics.items():
-            references = None
-            if self.model.random_weights:
-                scores[name] = {"skipped": f"{self.model.note}: quality metrics mean nothing here"}
-                continue
-            if metric.needs_reference:
-                if task.baseline:
-                    scores[name] = {"skipped": "this measurement is the reference"}
-                    continue
-                if self.reference is None:
-                    scores[name] = {"skipped": "no baseline in this run to compare with: add --compare_baseline"}
-                    continue
-                references = self.reference[1]
-            try:
-                result = metric.score(MetricInput(images, prompts, references))
-            except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
-                self.on_warning(f"metric {name} on {task.sampler} {task.steps} steps: {one_line(error)}")
-                scores[name] = {"error": one_line(error)}
-                continue
-            if references is not None:
-                result["reference"] = self.reference[0]
-            scores[name] = {**result, "higher_is_better": metric.higher_is_better}
-        return scores
-
-    def _config(self) -> dict[str, Any]:
-        config = self.spec.config_dict(self.seed)
-        config.update(model=self.model.name, model_location=self.model.location)
-        return config
-
-    def _fail(self, task: Task, message: str) -> None:
-        self.errors.append(f"{task.sampler} ({task.steps} steps): {message}")
-        self._append_failure(task, message)
-
-    def _append_failure(self, task: Task, message: str) -> None:
-        self._append({
-            "schema": records.SCHEMA,
-            "status": "failed",
-            "error": message,
-            "created_utc": records.utc_now(),
-            "sampler": task.sampler,
-            "baseline": task.baseline,
-            "steps": task.steps,
-            "guidance_scale": task.guidance_scale,
-            "config": self._config(),
-            "environment": self.environment,
-            "world_size": self.world.size,
-        })
-
-    def _append(self, record: dict[str, Any]) -> None:
-        records.append_record(self.records_path, record)
-        self.records.append(record)
+            self.reference = Reference(f"{task.sampler} {task.steps} steps", images)
+        baselines = self.plan.baselines
+        comparisons = (
+            []
+            if task.baseline
+            else [
+                Comparison(b.sampler, b.steps, comparison_name(task, b, len(baselines), seed_in_names))
+                for b in baselines
+            ]
+        )
+        record = build_record(
+            self.context,
+            task,
+            shares,
+            info,
+            names,
+            file_names(task, 0, seed_in_names)[1],
+            list(images[0].size),
+            warnings,
+            self.scorer.score(task, images, prompts, self.reference),
+            comparisons,
+        )
+        self.writer.add(record)
 
 
-def _rank_entry(share: Share, images_per_call: int) -> dict[str, Any]:
-    """One rank's own figures; its calls are the task's calls rank, rank + world_size, ..."""
-    measurement = share.measurement
-    return {
-        "rank": share.rank,
-        "host": share.host,
-        "device": share.device,
-        "calls": share.calls,
-        "load_s": share.load_s,
-        "first_call_s": measurement.first_call_s,
-        "seconds_per_image": measurement.stats.median / images_per_call,
-        "measured_s": measurement.finished - measurement.started,
-        "memory": measurement.memory,
-    }
-
-
-def _unet_counts(stage_profile: timing.Profile, images_per_call: int) -> dict[str, Any]:
-    """UNet calls per generation call and evaluations per image (CFG doubles the batch)."""
-    evaluations = sum(stage_profile.unet_batch_sizes)
-    return {
-        "calls": stage_profile.unet_calls,
-        "batch_sizes": sorted(set(stage_profile.unet_batch_sizes)),
-        "evaluations": evaluations,
-        "evaluations_per_image": evaluations / images_per_call,
-    }
-
-
-def _digest(images) -> str:
+def _digest(images: Any) -> str:
     digest = hashlib.sha256()
     for image in images:
         digest.update(image.tobytes())

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import copy
 import gc
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import click
 import torch
 
+import harness.options
 from harness import models
 from harness.errors import HarnessError
+from harness.options import Options
 from harness.speed import SpeedOptions, apply_speed_options, describe_speed
+
+if TYPE_CHECKING:
+    # The defining module, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
 @dataclass(frozen=True)
@@ -38,14 +44,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Run settings a sampler may need; ``options`` holds the values of the sampler's own options."""
+    """Run settings every sampler may need (its own settings are ``Sampler.options``)."""
 
     model: models.ModelSpec
     device: torch.device
     dtype: torch.dtype
     lora_path: str | None = None
     lora_id: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
@@ -59,13 +64,14 @@ class SamplerInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class Sampler:
+class Sampler(ABC):
     """Base class for sampler plugins.
 
-    Subclasses set ``name`` and ``description``, may add click ``options`` (their values arrive in
-    ``config.options`` by parameter name), and implement :meth:`load`, :meth:`generate` and
-    :meth:`describe`. ``components`` lets the runner count UNet evaluations and time the text
-    encoder, denoiser and decoder separately; samplers without such modules return ``{}``.
+    Subclasses set ``name`` and ``description``, may declare their own settings as an ``Options`` dataclass
+    (a subclass of :class:`harness.options.Options` whose :func:`harness.options.setting` fields become
+    ``harness bench`` options; the values arrive typed in ``self.options``), and implement :meth:`load`,
+    :meth:`generate` and :meth:`describe`. ``components`` lets the runner count UNet evaluations and time
+    the text encoder, denoiser and decoder separately; samplers without such modules return ``{}``.
     """
 
     name: ClassVar[str] = ""
@@ -74,21 +80,27 @@ class Sampler:
     is_baseline: ClassVar[bool] = False
     #: The guidance scale a few-step sampler runs at (LCM-style samplers need none).
     default_guidance: ClassVar[float] = 0.0
-    options: ClassVar[list[click.Option]] = []
+    #: The sampler's name in comparison-grid file names (compare_baseline30_<label>4.png); default: ``name``.
+    file_label: ClassVar[str] = ""
+    #: The sampler's own settings; harness bench makes one option per field.
+    Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, config: SamplerConfig):
+    # ``harness.options.Options``: inside the class body, ``Options`` is the class attribute above.
+    def __init__(self, config: SamplerConfig, options: harness.options.Options | None = None) -> None:
         self.config = config
+        self.options = options if options is not None else self.Options()
 
+    @abstractmethod
     def load(self) -> None:
         """Build or load everything once; called before any generation, timed as ``load_s``."""
-        raise NotImplementedError
 
-    def generate(self, request: GenerationRequest) -> list:
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> list[Any]:
         """Return ``request.num_images`` PIL images; the same request must give the same pixels."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> SamplerInfo:
-        raise NotImplementedError
+        """What this loaded sampler is (model, scheduler, LoRA), written into every record it produces."""
 
     def check(self, request: GenerationRequest) -> list[str]:
         """Raise HarnessError if ``request`` cannot run; return warnings worth showing the user."""
@@ -105,11 +117,16 @@ class Sampler:
 class DiffusersSampler(Sampler):
     """A sampler around a diffusers ``StableDiffusionPipeline``; subclasses adapt it in :meth:`prepare`."""
 
-    pipeline = None
+    pipeline: StableDiffusionPipeline | None = None
     lora_label: str | None = None
     lora_fused: bool | None = None
 
-    def prepare(self, pipe) -> None:
+    def loaded_pipeline(self) -> StableDiffusionPipeline:
+        """The pipeline :meth:`load` built (``None`` before it and after :meth:`unload`)."""
+        assert self.pipeline is not None, f"{type(self).__name__}.load() has not run"
+        return self.pipeline
+
+    def prepare(self, pipe: StableDiffusionPipeline) -> None:
         """Change the freshly loaded pipeline in place (LoRA, scheduler). Default: use it as it is."""
 
     def load(self) -> None:
@@ -118,8 +135,9 @@ class DiffusersSampler(Sampler):
         apply_speed_options(pipe, self.config.speed)
         self.pipeline = pipe
 
-    def generate(self, request: GenerationRequest) -> list:
-        return self.pipeline(**self.call_arguments(request)).images
+    def generate(self, request: GenerationRequest) -> list[Any]:
+        images: list[Any] = self.loaded_pipeline()(**self.call_arguments(request)).images
+        return images
 
     def call_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """Keyword arguments of the pipeline call; extend them to pass sampler-specific settings."""
@@ -134,7 +152,7 @@ class DiffusersSampler(Sampler):
         }
 
     def check(self, request: GenerationRequest) -> list[str]:
-        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        scheduler = copy.deepcopy(self.loaded_pipeline().scheduler)
         name, limit = type(scheduler).__name__, scheduler.config.num_train_timesteps
         try:
             if request.steps > limit:
@@ -144,7 +162,7 @@ class DiffusersSampler(Sampler):
             reason = str(error).split(". ")[0]
             raise HarnessError(f"{request.steps} steps is more than {name} can run ({reason}); "
                                "pass fewer --steps.") from None
-        tokenizer = self.pipeline.tokenizer
+        tokenizer = self.loaded_pipeline().tokenizer
         tokens = len(tokenizer(request.prompt).input_ids)
         if tokens > tokenizer.model_max_length:
             return [f"the prompt '{request.prompt[:40]}...' is {tokens} tokens long; the text encoder reads the "
@@ -152,18 +170,19 @@ class DiffusersSampler(Sampler):
         return []
 
     def describe(self) -> SamplerInfo:
-        scheduler = self.pipeline.scheduler
+        pipe = self.loaded_pipeline()
+        scheduler = pipe.scheduler
         spacing = scheduler.config.get("timestep_spacing")
         return SamplerInfo(
             model=self.config.model.location if self.config.model.kind == "hub" else self.config.model.name,
             scheduler=type(scheduler).__name__ + (f" ({spacing})" if spacing else ""),
             lora=self.lora_label,
             details={"model_location": self.config.model.location, "model_note": self.config.model.note,
-                     "lora_fused": self.lora_fused, **describe_speed(self.pipeline)},
+                     "lora_fused": self.lora_fused, **describe_speed(pipe)},
         )
 
     def components(self) -> dict[str, torch.nn.Module]:
-        pipe = self.pipeline
+        pipe = self.loaded_pipeline()
         return {"text_encoder": pipe.text_encoder, "denoiser": pipe.unet, "decoder": pipe.vae.decoder}
 
     def unload(self) -> None:
@@ -179,8 +198,9 @@ class FewStepLoraSampler(DiffusersSampler):
     def lora_source(self) -> models.LoraSource | None:
         return models.resolve_lora(self.config.lora_path, self.config.lora_id or self.config.model.default_lora)
 
-    def prepare(self, pipe) -> None:
+    def prepare(self, pipe: StableDiffusionPipeline) -> None:
         source = self.lora_source()
+        assert source is not None, "the model has no default LoRA and neither --lora_path nor --lora_id was given"
         models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
         self.lora_fused = self.config.speed.fuse_lora
         self.lora_label = source.location if source.weight_name is None else f"{source.location}/{source.weight_name}"

@@ -89,7 +89,7 @@ class ShapeAttributes:
     position: str
     size: str
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name, allowed in (("shape", SHAPES), ("colour", COLOUR_NAMES), ("background", COLOUR_NAMES),
                               ("position", POSITIONS), ("size", SIZE_NAMES)):
             if getattr(self, name) not in allowed:

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from harness.options import Options, setting
+
+if TYPE_CHECKING:
+    # The defining module, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 ATTENTION_CHOICES = ("default", "sdpa", "math")
 
 
 @dataclass(frozen=True)
-class SpeedOptions:
-    compile: bool = False  # torch.compile the UNet and the VAE decoder; compile time lands in first_call_s
-    channels_last: bool = False  # NHWC memory format for the UNet and the VAE
-    attention: str = "default"  # default: diffusers' choice; sdpa: torch's fused kernel; math: matmul + softmax
-    fuse_lora: bool = True  # fuse the LoRA into the base weights, as the seed does
-    vae_slicing: bool = False  # decode a batch one image at a time (memory)
-    vae_tiling: bool = False  # decode large images tile by tile (memory)
+class SpeedOptions(Options):
+    """How a diffusers pipeline runs; ``harness bench`` makes one option of each."""
+
+    compile: bool = setting(False, "torch.compile the UNet and VAE decoder (compile time lands in first_call_s).")
+    channels_last: bool = setting(False, "Channels-last memory format for the UNet and VAE.")
+    attention: str = setting("default", "Attention kernel: diffusers' default, torch SDPA, or plain matmul + softmax.",
+                             choices=ATTENTION_CHOICES)
+    fuse_lora: bool = setting(True, "Fuse the LoRA into the base weights, as the seed does; --no-fuse keeps it "
+                                    "unfused (to measure what fusing buys).", flags=("--fuse/--no-fuse",))
+    vae_slicing: bool = setting(False, "Decode a batch one image at a time.")
+    vae_tiling: bool = setting(False, "Decode large images tile by tile.")
 
 
-def apply_speed_options(pipe, options: SpeedOptions) -> None:
+def apply_speed_options(pipe: StableDiffusionPipeline, options: SpeedOptions) -> None:
     """Apply everything but ``fuse_lora`` (which the LoRA loading honours) to a loaded pipeline."""
     if options.attention != "default":
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -39,7 +50,7 @@ def apply_speed_options(pipe, options: SpeedOptions) -> None:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
 
 
-def describe_speed(pipe) -> dict:
+def describe_speed(pipe: StableDiffusionPipeline) -> dict[str, Any]:
     """What the pipeline actually runs with, read back from the modules themselves."""
     processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
     conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))

@@ -8,21 +8,24 @@
    bracketed by a device synchronize and ``time.perf_counter()``, with the garbage collector off.
 5. Peak memory over steps 2-4: CUDA max allocated and reserved; elsewhere the process's peak RSS.
 
-Stage breakdown and UNet-evaluation counts come from one extra, instrumented call (:func:`profile`)
-made after the measured repeats, so the hooks and synchronizes it needs never touch the timed calls.
+Stage breakdown, UNet-evaluation counts and the check for NaN and inf come from one extra, instrumented
+call (:func:`profile`) made after the measured repeats, so the hooks and synchronizes it needs never touch
+the timed calls.
 """
 
 from __future__ import annotations
 
 import gc
-import math
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+
+from harness.options import Options, setting
+from harness.schema import Stages, Stats
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,51 +44,14 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-@dataclass
-class Stats:
-    """Summary statistics of a list of durations, in seconds."""
-
-    n: int
-    min: float
-    max: float
-    mean: float
-    median: float
-    stdev: float
-    p90: float
-    iqr: float
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[float]) -> Stats:
-        if not samples:
-            raise ValueError("no samples")
-        ordered = sorted(samples)
-        return cls(
-            n=len(ordered),
-            min=ordered[0],
-            max=ordered[-1],
-            mean=statistics.fmean(ordered),
-            median=statistics.median(ordered),
-            stdev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
-            p90=_percentile(ordered, 90),
-            iqr=_percentile(ordered, 75) - _percentile(ordered, 25),
-        )
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def _percentile(ordered: Sequence[float], pct: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    position = (len(ordered) - 1) * pct / 100
-    lower, upper = math.floor(position), math.ceil(position)
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
-
-
 @dataclass(frozen=True)
-class TimingSettings:
-    warmup: int = 1
-    repeats: int = 3
-    min_time_s: float = 0.0
+class TimingSettings(Options):
+    """The protocol's knobs; ``harness bench`` makes one option of each, so this is their only default."""
+
+    warmup: int = setting(2, "Unrecorded calls after the first call.", minimum=0)
+    repeats: int = setting(5, "Measured passes over the prompts.", minimum=1)
+    min_time_s: float = setting(0.0, "Keep measuring until this many seconds are recorded.", minimum=0,
+                                flags=("--min-time", "--min_time"))
 
 
 @dataclass
@@ -173,37 +139,24 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@dataclass
-class Profile:
-    """Where the time of one call goes, and how many UNet evaluations it made."""
-
-    total_s: float
-    text_encode_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    per_step_s: list[float] = field(default_factory=list)
-    unet_batch_sizes: list[int] = field(default_factory=list)
-
-    @property
-    def unet_calls(self) -> int:
-        return len(self.unet_batch_sizes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "unet_calls": self.unet_calls}
-
-
-def profile(call: Callable[[], Any], components: dict[str, torch.nn.Module], device: torch.device) -> Profile:
+def profile(call: Callable[[], Any], components: dict[str, torch.nn.Module], device: torch.device,
+            images: int = 1) -> Stages:
     """Time one call stage by stage with synchronizing forward hooks on the sampler's components.
 
     Text encoding and decoding are the summed durations of those modules' forwards; the denoising
     loop runs from the first UNet call's start to the last one's end (scheduler steps included);
     step ``i`` lasts from UNet call ``i``'s start to call ``i+1``'s start (the last one to its end).
+
+    The same hooks keep the UNet's and the decoder's outputs, which are checked for NaN and inf (of the
+    call's ``images``) once the call has returned, so the check adds nothing to the stage times.
     """
     durations: dict[str, float] = {"text_encoder": 0.0, "decoder": 0.0}
     starts: dict[str, float] = {}
     unet_starts: list[float] = []
     unet_ends: list[float] = []
     batch_sizes: list[int] = []
+    unet_outputs: list[torch.Tensor | None] = []
+    decoded: list[torch.Tensor | None] = []
     handles = []
 
     def stamp() -> float:
@@ -215,24 +168,27 @@ def profile(call: Callable[[], Any], components: dict[str, torch.nn.Module], dev
         if module is None:
             continue
 
-        def before(_module, _args, _role=role):
+        def before(_module: torch.nn.Module, _args: tuple[Any, ...], _role: str = role) -> None:
             starts[_role] = stamp()
 
-        def after(_module, _args, _output, _role=role):
+        def after(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any, _role: str = role) -> None:
             durations[_role] += stamp() - starts[_role]
+            if _role == "decoder":
+                decoded.append(_output_tensor(output))
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
     denoiser = components.get("denoiser")
     if denoiser is not None:
 
-        def unet_before(_module, args, kwargs):
-            sample = args[0] if args else kwargs.get("sample")
+        def unet_before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sample: torch.Tensor = args[0] if args else kwargs["sample"]
             batch_sizes.append(int(sample.shape[0]))
             unet_starts.append(stamp())
 
-        def unet_after(_module, _args, _output):
+        def unet_after(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             unet_ends.append(stamp())
+            unet_outputs.append(_output_tensor(output))
 
         handles += [
             denoiser.register_forward_pre_hook(unet_before, with_kwargs=True),
@@ -247,11 +203,43 @@ def profile(call: Callable[[], Any], components: dict[str, torch.nn.Module], dev
     per_step = [b - a for a, b in zip(unet_starts, unet_starts[1:])]
     if unet_starts:
         per_step.append(unet_ends[-1] - unet_starts[-1])
-    return Profile(
+    return Stages(
         total_s=total_s,
         text_encode_s=durations["text_encoder"],
         denoise_s=(unet_ends[-1] - unet_starts[0]) if unet_starts else 0.0,
         decode_s=durations["decoder"],
         per_step_s=per_step,
         unet_batch_sizes=batch_sizes,
+        unet_calls=len(batch_sizes),
+        nonfinite_unet_calls=sum(1 for output in unet_outputs if output is not None and not _finite_rows(output).all()),
+        nonfinite_images=_nonfinite_images([output for output in decoded if output is not None], images),
     )
+
+
+def _output_tensor(output: Any) -> torch.Tensor | None:
+    """What a module returned, as one tensor: itself, the first of a tuple (diffusers' ``return_dict=False``)
+    or its ``.sample``; None for anything else, which is then not checked."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    output = getattr(output, "sample", output)
+    return output.detach() if isinstance(output, torch.Tensor) else None
+
+
+def _finite_rows(output: torch.Tensor) -> torch.Tensor:
+    """Per item of the batch (the first dimension): whether all its values are finite."""
+    return torch.isfinite(output.flatten(1) if output.dim() > 1 else output.reshape(1, -1)).all(dim=1)
+
+
+def _nonfinite_images(outputs: Sequence[torch.Tensor], images: int) -> int:
+    """How many of the call's ``images`` the decoder gave NaN or inf in, from its outputs in call order.
+
+    The decoder sees the whole batch at once, or with ``--vae-tiling`` the batch tile by tile: then row r of
+    every output is image r. With ``--vae-slicing`` it sees one image at a time (tile by tile with tiling
+    too): then the rows, in order, fall into equal runs, one per image.
+    """
+    per_output = [_finite_rows(output).tolist() for output in outputs]
+    rows = [finite for flags in per_output for finite in flags]
+    whole_batches = all(len(flags) == images for flags in per_output)
+    bad = {index % images if whole_batches else index * images // len(rows)
+           for index, finite in enumerate(rows) if not finite}
+    return len(bad)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+import pluggy
 
+from harness.cli_support import MultiValueCommand
 from harness.errors import HarnessError
-from harness.plugins import get_registry
-from harness.training.config import field_specs
-from harness.training.trainer import StepReport
+from harness.options import click_options, multi_value_flags
+from harness.plugins import Registered, get_registry
+from harness.training.config import TrainConfig
+from harness.training.trainer import StepReport, Trainer
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar as ClickProgressBar  # what click.progressbar returns
 
 TRAIN_HELP = """Train a model with a trainer plugin: harness train --plugin NAME [OPTIONS].
 
@@ -46,43 +52,19 @@ def train(ctx: click.Context, plugin_name: str | None) -> None:
         command.invoke(trainer_ctx)
 
 
-def make_trainer_command(entry, plugin_manager) -> click.Command:
-    """A click command with one option per field of the trainer's config class."""
-    # Imported here: harness.cli imports this module to register `train`.
-    from harness.cli import MultiValueCommand, _alias
-
+def make_trainer_command(entry: Registered[type[Trainer]], plugin_manager: pluggy.PluginManager) -> click.Command:
+    """A click command with one option per field of the trainer's config class, as ``harness bench`` makes its own."""
     config_class = entry.cls.config_class
-    params, multi_value_flags = [], []
-    for field, kind, many in field_specs(config_class):
-        metadata = field.metadata
-        flags = [*_alias(field.name), *(flag for alias in metadata.get("aliases", ()) for flag in _alias(alias))]
-        shown_default = not (field.default is None or field.default is False or field.default == ())
-        params.append(click.Option(
-            [*flags, field.name], type=_click_type(kind, metadata), multiple=many, is_flag=kind is bool,
-            default=field.default, show_default=shown_default, help=metadata.get("help", ""),
-        ))
-        if many:
-            multi_value_flags += flags
 
     def callback(**values: Any) -> None:
         run_trainer(entry.cls, config_class(**values), plugin_manager)
 
-    return MultiValueCommand(entry.name, params=params, callback=callback, multi_value=tuple(multi_value_flags),
+    return MultiValueCommand(entry.name, params=click_options(config_class), callback=callback,
+                             multi_value=multi_value_flags(config_class),
                              help=f"{entry.description}\n\nTrainer '{entry.name}' from {entry.source}.")
 
 
-def _click_type(kind: type, metadata) -> Any:
-    if metadata.get("choices"):
-        return click.Choice(metadata["choices"])
-    minimum = metadata.get("minimum")
-    if kind is int:
-        return click.IntRange(min=minimum) if minimum is not None else int
-    if kind is float:
-        return click.FloatRange(min=minimum) if minimum is not None else float
-    return kind
-
-
-def run_trainer(trainer_class, config, plugin_manager) -> None:
+def run_trainer(trainer_class: type[Trainer], config: TrainConfig, plugin_manager: pluggy.PluginManager) -> None:
     progress = ProgressBar()
     trainer = trainer_class(config, plugin_manager=plugin_manager, on_step=progress.update,
                             notify=lambda message: click.echo(message, err=True))
@@ -101,8 +83,8 @@ def run_trainer(trainer_class, config, plugin_manager) -> None:
 class ProgressBar:
     """Steps, loss, learning rate and steps/s; made at the first step report, which only the main process sends."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self) -> None:
+        self.bar: ClickProgressBar[str] | None = None
         self.started: tuple[int, float] | None = None
 
     def update(self, report: StepReport) -> None:
@@ -112,6 +94,7 @@ class ProgressBar:
             self.bar.__enter__()
             self.bar.update(report.step - 1)
             self.started = (report.step, time.perf_counter())
+        assert self.started is not None  # set together with the bar
         first_step, first_time = self.started
         elapsed = time.perf_counter() - first_time
         rate = f" | {(report.step - first_step) / elapsed:.2f} steps/s" if report.step > first_step else ""

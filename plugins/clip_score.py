@@ -7,14 +7,16 @@ names which one ``value`` is, and names the CLIP model, since scores from differ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import torch
 
 import harness
+import harness.options
 from harness.errors import HarnessError, one_line
 from harness.metric import Metric, MetricInput
+from harness.options import setting
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 SCALE = "torchmetrics: 100 * max(cosine, 0)"
@@ -25,15 +27,15 @@ class ClipScoreMetric(Metric):
     name = "clip-score"
     description = ("CLIP score: image-prompt cosine of a CLIP model's embeddings; value on the torchmetrics "
                    "0-100 scale, the raw 0-1 cosine recorded next to it.")
-    options = [
-        click.Option(["--clip-model", "--clip_model", "clip_model"], default=DEFAULT_CLIP, show_default=True,
-                     help="CLIP model for clip-score: a hub id or a local folder saved with save_pretrained "
-                          "(CLIPModel in safetensors and its CLIPProcessor)."),
-    ]
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.clip_model = config.options.get("clip_model") or DEFAULT_CLIP
+    @dataclass(frozen=True)
+    class Options(harness.options.Options):
+        clip_model: str = setting(DEFAULT_CLIP, "CLIP model for clip-score: a hub id or a local folder saved with "
+                                                "save_pretrained (CLIPModel in safetensors and its CLIPProcessor).")
+
+    def __init__(self, config, options=None):
+        super().__init__(config, options)
+        self.clip_model = self.options.clip_model
         self._loaded = None  # (model, processor), loaded at the first score call
 
     def score(self, data: MetricInput) -> dict:

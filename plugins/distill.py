@@ -87,8 +87,11 @@ class DistillTrainer(LoraTrainer):
         return scheduler.timesteps
 
     def resolved_settings(self) -> dict:
-        return {**super().resolved_settings(), "student_timesteps": self.schedules,
-                "teacher_solver": f"DDIM trailing, {self.config.teacher_steps} steps, cfg {self.config.teacher_guidance:g}"}
+        return {
+            **super().resolved_settings(),
+            "student_timesteps": self.schedules,
+            "teacher_solver": f"DDIM trailing, {self.config.teacher_steps} steps, cfg {self.config.teacher_guidance:g}",
+        }
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         latents = self.latents(batch, generator)
@@ -112,8 +115,9 @@ class DistillTrainer(LoraTrainer):
 
     def _guided(self, teacher, x: torch.Tensor, t: int, conditions: torch.Tensor) -> torch.Tensor:
         """The teacher's classifier-free-guided output at --teacher_guidance."""
-        unconditional, conditional = self.teacher_outputs(teacher, x, torch.full((x.shape[0],), t, device=x.device),
-                                                          conditions)
+        unconditional, conditional = self.teacher_outputs(
+            teacher, x, torch.full((x.shape[0],), t, device=x.device), conditions
+        )
         return unconditional + self.config.teacher_guidance * (conditional - unconditional)
 
     def _solve(self, teacher, x: torch.Tensor, t: int, t_end: int, conditions: torch.Tensor) -> torch.Tensor:
@@ -128,8 +132,10 @@ class DistillTrainer(LoraTrainer):
         config = self.config
         if self._teacher_row is None:
             with self.base_model():
-                images = [self.generate(p, self.teacher_scheduler(), config.teacher_steps, config.teacher_guidance,
-                                        [seed])[0] for p in prompts]
+                images = [
+                    self.generate(p, self.teacher_scheduler(), config.teacher_steps, config.teacher_guidance, [seed])[0]
+                    for p in prompts
+                ]
             self._teacher_row = (f"teacher | {config.teacher_steps} steps | cfg {config.teacher_guidance:g}", images)
         rows = [self._teacher_row]
         for steps in config.student_steps:

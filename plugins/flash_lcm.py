@@ -7,6 +7,7 @@ from harness.sampler import FewStepLoraSampler
 
 class FlashLcmSampler(FewStepLoraSampler):
     name = "flash-lcm"
+    file_label = "flash"  # the seed's compare_baseline30_flash4_seed42.png
     description = (
         "Base model + fused Flash LoRA (--lora_id, default: the model's own, jasperai/flash-sd on SD 1.5; "
         "--lora_path wins unless --lora_id is given too), LCMScheduler with trailing timesteps, guidance 0."

@@ -26,16 +26,16 @@ card have the figures):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
 import harness
 from harness import embedded, judge, shapes
 from harness.errors import HarnessError
-from harness.training import LatentDiffusionTrainer, NoiseSchedule, Trainer, TrainConfig, setting
+from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
 from harness.training.checkpoints import FINAL
 
 FIDELITY_LOG = "fidelity.jsonl"
@@ -59,9 +59,9 @@ class PretrainConfig(TrainConfig):
     lr_warmup_steps: int = setting(200, "Steps of linear warmup (UNet stage).", minimum=0)
     cache_latents: bool = setting(True, "Encode every image with the trained VAE once, before the UNet stage.")
     checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps (both stages).", minimum=1)
-    checkpoints_total_limit: Optional[int] = setting(2, "Keep only the newest N checkpoints.", minimum=1)
+    checkpoints_total_limit: int | None = setting(2, "Keep only the newest N checkpoints.", minimum=1)
 
-    vae_path: Optional[str] = setting(None, "A trained AutoencoderKL folder: skip the VAE stage.")
+    vae_path: str | None = setting(None, "A trained AutoencoderKL folder: skip the VAE stage.")
     vae_steps: int = setting(2000, "VAE optimizer steps.", minimum=1)
     vae_decoder_steps: int = setting(1000, "Steps of the decoder-only VAE stage (0: none).",
                                      minimum=0)
@@ -210,24 +210,24 @@ class PretrainTrainer(LatentDiffusionTrainer):
             vae_config = replace(self.config, run_name=f"{self.config.run_name}/{VAE_RUN}",
                                  max_steps=self.config.vae_steps, learning_rate=self.config.vae_learning_rate,
                                  lr_scheduler="constant", lr_warmup_steps=0, validation_prompts=())
-            self.vae_folder = self._stage(VaeTrainer(vae_config, self.plugin_manager, self.on_step, self._notify),
+            self.vae_folder = self._stage(VaeTrainer(vae_config, self.plugin_manager, self.on_step, self.notify),
                                           "1 of 2: the VAE")
             if self.config.vae_decoder_steps:
                 decoder_config = replace(vae_config, run_name=f"{self.config.run_name}/{VAE_DECODER_RUN}",
                                          max_steps=self.config.vae_decoder_steps)
                 decoder_trainer = VaeDecoderTrainer(decoder_config, self.vae_folder, self.plugin_manager,
-                                                    self.on_step, self._notify)
+                                                    self.on_step, self.notify)
                 self.vae_folder = self._stage(decoder_trainer, "1b of 2: the VAE's decoder")
         else:
             self.vae_folder = Path(self.config.vae_path).expanduser()
-        self._notify(f"stage 2 of 2: UNet + text encoder ({self.config.max_steps} steps) in '{self.run_dir}'")
+        self.notify(f"stage 2 of 2: UNet + text encoder ({self.config.max_steps} steps) in '{self.run_dir}'")
         return super().train()
 
     def _stage(self, trainer: Trainer, title: str) -> Path:
         """Run an earlier stage unless its final/ folder is there already; return that folder."""
         final = trainer.checkpoint_dir / FINAL
         if not final.is_dir():
-            self._notify(f"stage {title} ({trainer.config.max_steps} steps) in '{trainer.run_dir}'")
+            self.notify(f"stage {title} ({trainer.config.max_steps} steps) in '{trainer.run_dir}'")
             trainer.train()
         return final
 
@@ -252,7 +252,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self.scheduler_config = scheduler.config
         self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, self.device)
         self.model_spec = None
-        self.eval_prompts = shapes.held_out_prompts()[:: max(1, 64 // self.config.eval_prompts)][: self.config.eval_prompts]
+        every = max(1, 64 // self.config.eval_prompts)
+        self.eval_prompts = shapes.held_out_prompts()[::every][: self.config.eval_prompts]
         return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
 
     def prepare_data(self, dataset):
@@ -264,29 +265,40 @@ class PretrainTrainer(LatentDiffusionTrainer):
         """SD's recipe: scale latents to unit standard deviation, measured on the training images."""
         vae = self.pipe.vae
         vae.register_to_config(scaling_factor=1.0)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(samples, len(dataset)))),
-                                             batch_size=64)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(min(samples, len(dataset)))), batch_size=64
+        )
         with torch.no_grad():
-            latents = torch.cat([vae.encode(batch["pixel_values"].to(self.device)).latent_dist.mean
-                                 for batch in loader])
+            latents = torch.cat(
+                [vae.encode(batch["pixel_values"].to(self.device)).latent_dist.mean for batch in loader]
+            )
         vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
 
     def resolved_settings(self) -> dict:
-        return {"vae": str(self.vae_folder), "vae_scaling_factor": self.pipe.vae.config.scaling_factor,
-                "prediction_type": self.schedule.prediction_type}
+        return {
+            "vae": str(self.vae_folder),
+            "vae_scaling_factor": self.pipe.vae.config.scaling_factor,
+            "prediction_type": self.schedule.prediction_type,
+        }
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         latents = self.latents(batch, generator)
         captions = list(batch["caption"])
         keep = torch.rand(len(captions), generator=generator, device=generator.device) >= self.config.caption_dropout
         captions = [text if kept else "" for text, kept in zip(captions, keep.tolist())]
-        tokens = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(self.device)
+        tokens = self.pipe.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         model = self.model
         text_states = model.text_encoder(tokens)[0]
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-        timesteps = torch.randint(0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],),
-                                  generator=generator, device=generator.device).to(latents.device)
+        timesteps = torch.randint(
+            0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],), generator=generator, device=generator.device
+        ).to(latents.device)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         output = model.unet(noisy, timesteps, encoder_hidden_states=text_states).sample
         alpha, sigma = self.schedule.alpha_sigma(timesteps, latents)
@@ -303,8 +315,10 @@ class PretrainTrainer(LatentDiffusionTrainer):
     def model_card(self) -> str:
         """README.md of the model folder: architecture, data, recipe, losses and held-out fidelity so far."""
         config, pipe = self.config, self.pipe
-        sizes = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
-                 for name in ("vae", "unet", "text_encoder")}
+        sizes = {
+            name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+            for name in ("vae", "unet", "text_encoder")
+        }
         log = _read_jsonl(self.run_dir / "train_log.jsonl")
         fidelity = _read_jsonl(self.run_dir / FIDELITY_LOG)
         lines = [
@@ -313,7 +327,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "Stable Diffusion 1.5's architecture at a tiny size (64x64 images, "
             f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size}x4 latents), trained by "
             "`harness train --plugin pretrain` on the synthetic shapes captions of `harness.shapes` "
-            "(\"a small red circle at the top on a blue background\"). It loads with "
+            '("a small red circle at the top on a blue background"). It loads with '
             "`StableDiffusionPipeline.from_pretrained` and draws what such captions say; anything else "
             "it draws badly.",
             "",
@@ -327,50 +341,75 @@ class PretrainTrainer(LatentDiffusionTrainer):
             f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {config.text_width}, "
             f"{config.text_layers} layers, trained with the UNet |",
             "",
-            f"Data: {self._data_size} captioned images from {config.data_dir or config.dataset_name}. UNet stage: batch {config.batch_size} x "
+            f"Data: {self._data_size} captioned images from {config.data_dir or config.dataset_name}. "
+            f"UNet stage: batch {config.batch_size} x "
             f"{config.gradient_accumulation_steps}, AdamW {config.learning_rate:g} ({config.lr_scheduler}, "
             f"{config.lr_warmup_steps} warmup steps), caption dropout {config.caption_dropout:g}, seed {self.seed}.",
         ]
         if log:
             last = log[-1]
-            lines.append(f"Trained {last['step']} steps in {last['seconds'] / 60:.1f} min; final loss "
-                         f"{sum(item['loss'] for item in log[-50:]) / len(log[-50:]):.4f} (mean of the last 50 steps).")
+            lines.append(
+                f"Trained {last['step']} steps in {last['seconds'] / 60:.1f} min; final loss "
+                f"{sum(item['loss'] for item in log[-50:]) / len(log[-50:]):.4f} (mean of the last 50 steps)."
+            )
         if fidelity:
             names = list(shapes.ATTRIBUTE_NAMES)
-            lines += ["", f"Prompt fidelity on the held-out prompts ({fidelity[-1]['n']} prompts, "
-                          f"{fidelity[-1]['sampler']}), as training went:", "",
-                      "| step | overall | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-            lines += [f"| {row['step']} | {row['overall']:.3f} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |"
-                      for row in fidelity]
+            lines += [
+                "",
+                f"Prompt fidelity on the held-out prompts ({fidelity[-1]['n']} prompts, "
+                f"{fidelity[-1]['sampler']}), as training went:",
+                "",
+                "| step | overall | " + " | ".join(names) + " |",
+                "|---" * (len(names) + 2) + "|",
+            ]
+            lines += [
+                f"| {row['step']} | {row['overall']:.3f} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |"
+                for row in fidelity
+            ]
         return "\n".join(lines) + "\n"
 
     def validation_rows(self, prompts: Sequence[str], seed: int):
-        return [(prompt, self.generate(prompt, self.pipe.scheduler, self.config.eval_steps,
-                                       self.config.eval_guidance, [seed, seed + 1])) for prompt in prompts]
+        return [
+            (
+                prompt,
+                self.generate(
+                    prompt, self.pipe.scheduler, self.config.eval_steps, self.config.eval_guidance, [seed, seed + 1]
+                ),
+            )
+            for prompt in prompts
+        ]
 
-    def _report(self, report) -> None:
-        super()._report(report)
+    def on_step_end(self, report: StepReport) -> None:
         if report.step % self.config.eval_every == 0 or report.step == self.config.max_steps:
             self._judge(report.step)
 
     def _judge(self, step: int) -> None:
-        """Append the judge's scores on the held-out prompts to fidelity.jsonl."""
-        if not self.is_main:
-            return
+        """Append the judge's scores on the held-out prompts to fidelity.jsonl (on the main process, where
+        on_step_end runs)."""
         prompts = self.eval_prompts
         images = []
         for start in range(0, len(prompts), 16):
-            chunk = prompts[start:start + 16]
-            images += self.generate(chunk, self.pipe.scheduler, self.config.eval_steps, self.config.eval_guidance,
-                                    range(start, start + len(chunk)))
+            chunk = prompts[start : start + 16]
+            images += self.generate(
+                chunk,
+                self.pipe.scheduler,
+                self.config.eval_steps,
+                self.config.eval_guidance,
+                range(start, start + len(chunk)),
+            )
         scores = judge.judge_all(zip(images, prompts))
-        line = {"step": step, "sampler": f"ddim-{self.config.eval_steps}-cfg{self.config.eval_guidance}",
-                **{name: round(value, 4) for name, value in scores.items()}}
+        line = {
+            "step": step,
+            "sampler": f"ddim-{self.config.eval_steps}-cfg{self.config.eval_guidance}",
+            **{name: round(value, 4) for name, value in scores.items()},
+        }
         with open(self.run_dir / FIDELITY_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
         self.log_metrics({f"fidelity/{name}": scores[name] for name in ("overall", *shapes.ATTRIBUTE_NAMES)}, step)
-        self.notify(f"step {step}: held-out fidelity {scores['overall']:.3f} "
-                    + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES))
+        self.notify(
+            f"step {step}: held-out fidelity {scores['overall']:.3f} "
+            + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES)
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict]:

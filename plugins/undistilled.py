@@ -11,7 +11,9 @@ from harness.sampler import DiffusersSampler
 
 class UndistilledSampler(DiffusersSampler):
     name = "undistilled"
-    description = "Base model, no LoRA, the few-step schedule (LCMScheduler trailing, guidance 0): distillation's floor."
+    description = (
+        "Base model, no LoRA, the few-step schedule (LCMScheduler trailing, guidance 0): distillation's floor."
+    )
 
     def prepare(self, pipe) -> None:
         pipe.scheduler = models.few_step_scheduler(pipe.scheduler.config)

@@ -15,6 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.records import RECORDS_FILE, read_records
+from harness.schema import Record, successful, successful_baselines
 
 SPEED_VARIANTS = ("plain", "channels-last", "compile", "compile-channels-last")
 FEW_STEPS = (2, 4, 8)
@@ -23,11 +24,11 @@ BASELINE_STEPS = 30
 TARGET_VARIANT, TARGET_STEPS, TARGET_SECONDS = "compile", 4, 0.040
 
 
-def expected_unet_evaluations(record: dict[str, Any]) -> int:
+def expected_unet_evaluations(record: Record) -> int:
     """UNet evaluations per image: one per step without guidance; PNDM's 31 calls x 2 (CFG) for the baseline."""
-    if record["baseline"]:
-        return 2 * (record["steps"] + 1)
-    return record["steps"]
+    if record.baseline:
+        return 2 * (record.steps + 1)
+    return record.steps
 
 
 def exit_code(work: Path, name: str) -> int | None:
@@ -44,47 +45,46 @@ def check_speed_variant(work: Path, name: str) -> tuple[list[list[Any]], list[st
         failures.append(f"{name}: harness exited with {code} (see {work / (name + '.log')})")
     if not (folder / RECORDS_FILE).is_file():
         return [], failures + [f"{name}: no {RECORDS_FILE}"]
-    records = read_records(folder / RECORDS_FILE)
-    found = {(r["sampler"], r["steps"]) for r in records}
+    records = read_records(folder / RECORDS_FILE, on_skip=lambda problem: failures.append(f"{name}: {problem}"))
+    found = {(r.sampler, r.steps) for r in records}
     for wanted in [("vanilla-sd", BASELINE_STEPS)] + [("flash-lcm", steps) for steps in FEW_STEPS]:
         if wanted not in found:
             failures.append(f"{name}: no record of {wanted[0]} at {wanted[1]} steps")
-    baseline = next((r for r in records if r["baseline"] and r["status"] == "ok"), None)
+    failures += [f"{name}: {r.sampler} {r.steps} steps: failed: {r.error}" for r in records if not r.ok]
+    baselines = successful_baselines(records)
+    baseline = baselines[0][1] if baselines else None
     rows = []
-    for record in records:
-        label = f"{name}: {record['sampler']} {record['steps']} steps"
-        if record["status"] != "ok":
-            failures.append(f"{label}: failed: {record.get('error')}")
-            continue
-        memory = record["memory"]
-        if not {"cuda_max_allocated_mb", "cuda_max_reserved_mb"} <= memory.keys():
-            failures.append(f"{label}: the record has no CUDA memory figures ({sorted(memory)})")
-        if record["deterministic"] is not True:
+    for record, measured in successful(records):
+        label = f"{name}: {record.sampler} {record.steps} steps"
+        memory = measured.memory
+        if memory.cuda_max_allocated_mb is None or memory.cuda_max_reserved_mb is None:
+            failures.append(f"{label}: the record has no CUDA memory figures ({memory})")
+        if not measured.deterministic:
             failures.append(f"{label}: the measured repeats did not give identical pixels")
-        evaluations = record["unet"]["evaluations_per_image"]
+        evaluations = measured.unet.evaluations_per_image
         if evaluations != expected_unet_evaluations(record):
-            failures.append(f"{label}: {evaluations} UNet evaluations per image, expected "
+            failures.append(f"{label}: {evaluations:g} UNet evaluations per image, expected "
                             f"{expected_unet_evaluations(record)}")
-        if not str(record["environment"].get("device")).startswith("cuda") or record["environment"].get("dtype") != "float16":
-            failures.append(f"{label}: ran on {record['environment'].get('device')} in "
-                            f"{record['environment'].get('dtype')}, not cuda float16")
-        seconds = record["timing"]["seconds_per_image"]
-        per_step = record["stages"]["per_step_s"]
+        device, dtype = record.environment.get("device"), record.environment.get("dtype")
+        if not str(device).startswith("cuda") or dtype != "float16":
+            failures.append(f"{label}: ran on {device} in {dtype}, not cuda float16")
+        seconds = measured.timing.seconds_per_image
+        per_step = measured.stages.per_step_s
         rows.append([
-            name, record["sampler"], record["steps"], evaluations, f"{seconds * 1000:.1f}",
-            f"{record['timing']['images_per_s']:.2f}",
+            name, record.sampler, record.steps, evaluations, f"{seconds * 1000:.1f}",
+            f"{measured.timing.images_per_s:.2f}",
             f"{1 / statistics.mean(per_step):.1f}" if per_step else "",
-            f"{record['timing']['first_call_s']:.2f}",
-            f"{memory.get('cuda_max_allocated_mb', 0):.0f}", f"{memory.get('cuda_max_reserved_mb', 0):.0f}",
-            record["deterministic"],
-            f"{baseline['timing']['seconds_per_image'] / seconds:.2f}x" if baseline and record is not baseline else "",
+            f"{measured.timing.first_call_s:.2f}",
+            f"{memory.cuda_max_allocated_mb or 0:.0f}", f"{memory.cuda_max_reserved_mb or 0:.0f}",
+            measured.deterministic,
+            f"{baseline.timing.seconds_per_image / seconds:.2f}x" if baseline and measured is not baseline else "",
         ])
     return rows, failures
 
 
 def check_out_of_memory(work: Path) -> list[str]:
     """The request that cannot fit must end as a failed record with the out-of-memory line, no traceback."""
-    failures = []
+    failures: list[str] = []
     log = work / "out-of-memory.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
     if exit_code(work, "out-of-memory") != 1:
@@ -92,8 +92,8 @@ def check_out_of_memory(work: Path) -> list[str]:
     if "Traceback" in text:
         failures.append(f"out-of-memory: a traceback in {log}")
     records_path = work / "out-of-memory" / RECORDS_FILE
-    records = read_records(records_path) if records_path.is_file() else []
-    if not any(r["status"] == "failed" and "CUDA out of memory" in r.get("error", "") for r in records):
+    records = read_records(records_path, on_skip=failures.append) if records_path.is_file() else []
+    if not any("CUDA out of memory" in (r.error or "") for r in records):
         failures.append("out-of-memory: no failed record saying 'CUDA out of memory'")
     return failures
 
@@ -103,7 +103,7 @@ def check_torchrun(work: Path) -> tuple[list[list[Any]], list[str]]:
         return [], []  # one GPU: nothing was launched
     rows, failures = check_speed_variant(work, "torchrun")
     records_path = work / "torchrun" / RECORDS_FILE
-    if records_path.is_file() and any(r.get("world_size") != 2 for r in read_records(records_path)):
+    if records_path.is_file() and any(r.world_size != 2 for r in read_records(records_path, on_skip=failures.append)):
         failures.append("torchrun: records without world_size 2")
     return rows, failures
 
@@ -113,8 +113,10 @@ def target_line(rows: list[list[Any]]) -> str:
     if row is None:
         return f"target: no {TARGET_VARIANT} flash-lcm {TARGET_STEPS}-step measurement"
     verdict = "met" if float(row[4]) <= TARGET_SECONDS * 1000 else "missed"
-    return (f"target (H100-class GPU): flash-lcm {TARGET_STEPS} steps, 512x512 fp16, --compile: {row[4]} ms/image, "
-            f"{verdict} (<= {TARGET_SECONDS * 1000:.0f} ms)")
+    return (
+        f"target (H100-class GPU): flash-lcm {TARGET_STEPS} steps, 512x512 fp16, --compile: {row[4]} ms/image, "
+        f"{verdict} (<= {TARGET_SECONDS * 1000:.0f} ms)"
+    )
 
 
 def main(work: Path) -> int:
@@ -127,8 +129,20 @@ def main(work: Path) -> int:
     torchrun_rows, torchrun_failures = check_torchrun(work)
     rows += torchrun_rows
     failures += torchrun_failures + check_out_of_memory(work)
-    headers = ["variant", "sampler", "steps", "UNet evals/image", "ms/image", "images/s", "UNet it/s",
-               "first call s", "max allocated MB", "max reserved MB", "deterministic", "speedup"]
+    headers = [
+        "variant",
+        "sampler",
+        "steps",
+        "UNet evals/image",
+        "ms/image",
+        "images/s",
+        "UNet it/s",
+        "first call s",
+        "max allocated MB",
+        "max reserved MB",
+        "deterministic",
+        "speedup",
+    ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print()
     print(target_line(rows))

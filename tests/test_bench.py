@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from harness import report
-from harness.records import read_records
-from tests.conftest import invoke
+from harness.schema import Record
+from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "2", "--quiet")
 
@@ -27,6 +27,7 @@ def by_key(records):
     return {(r["sampler"], r["steps"]): r for r in records}
 
 
+@pytest.mark.slow
 def test_seed_file_names(compare_run):
     outdir, _ = compare_run
     expected = {
@@ -40,9 +41,10 @@ def test_seed_file_names(compare_run):
         "baseline_s30_i0_seed42.png", "grid_baseline_s30_seed42.png"}
 
 
+@pytest.mark.slow
 def test_one_record_per_measurement_with_documented_fields(compare_run):
     outdir, _ = compare_run
-    records = read_records(outdir)
+    records = record_json(outdir)
     assert [(r["sampler"], r["steps"]) for r in records] == [
         ("vanilla-sd", 30), ("flash-lcm", 2), ("flash-lcm", 4), ("flash-lcm", 8)]
     for record in records:
@@ -67,13 +69,16 @@ def test_one_record_per_measurement_with_documented_fields(compare_run):
     assert flash["comparisons"] == [{"baseline_sampler": "vanilla-sd", "baseline_steps": 30,
                                      "path": "compare_baseline30_flash4_seed42.png"}]
     baseline = by_key(records)[("vanilla-sd", 30)]
-    assert baseline["sampler_info"]["scheduler"] == "DDIMScheduler (trailing)" and baseline["sampler_info"]["lora"] is None
+    assert (
+        baseline["sampler_info"]["scheduler"] == "DDIMScheduler (trailing)" and baseline["sampler_info"]["lora"] is None
+    )
 
 
+@pytest.mark.slow
 def test_unet_evaluations_are_counted_honestly(compare_run, embedded_model):
     from diffusers import DDIMScheduler
 
-    records = by_key(read_records(compare_run[0]))
+    records = by_key(record_json(compare_run[0]))
     for steps in (2, 4, 8):  # LCM without CFG: one UNet call of batch 1 per step
         unet = records[("flash-lcm", steps)]["unet"]
         assert unet == {"calls": steps, "batch_sizes": [1], "evaluations": steps, "evaluations_per_image": steps}
@@ -87,14 +92,16 @@ def test_unet_evaluations_are_counted_honestly(compare_run, embedded_model):
     assert unet["batch_sizes"] == [2] and unet["evaluations_per_image"] == 60
 
 
+@pytest.mark.slow
 def test_stage_breakdown_adds_up(compare_run):
-    for record in read_records(compare_run[0]):
+    for record in record_json(compare_run[0]):
         stages = record["stages"]
         parts = stages["text_encode_s"] + stages["denoise_s"] + stages["decode_s"]
         assert 0 < parts <= stages["total_s"]
         assert sum(stages["per_step_s"]) == pytest.approx(stages["denoise_s"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_summary_table_is_written_and_printed(compare_run):
     outdir, output = compare_run
     summary = (outdir / "summary.md").read_text()
@@ -102,20 +109,22 @@ def test_summary_table_is_written_and_printed(compare_run):
     timing_table = summary.split("## Stages")[0]
     table_lines = [line for line in timing_table.splitlines() if line.startswith("| flash-lcm")]
     assert len(table_lines) == 3
-    records = by_key(read_records(outdir))
+    records = by_key(record_json(outdir))
     baseline = records[("vanilla-sd", 30)]
     for line, steps in zip(table_lines, (2, 4, 8)):  # measured and ideal speedup over the baseline
         measured, ideal = (float(cell.strip().rstrip("x")) for cell in line.strip(" |").split("|")[-2:])
         record = records[("flash-lcm", steps)]
         expected = baseline["timing"]["seconds_per_image"] / record["timing"]["seconds_per_image"]
         assert measured == pytest.approx(expected, abs=0.006)
-        assert ideal == pytest.approx(report.ideal_speedup(record, baseline), abs=0.006)
+        typed, typed_baseline = Record.from_json(record).measured, Record.from_json(baseline).measured
+        assert ideal == pytest.approx(report.ideal_speedup(typed, typed_baseline), abs=0.006)
         assert ideal > 1  # fewer UNet evaluations than the baseline's 62, whatever the machine's load
     assert "text encode ms" in summary.split("## Stages")[1]
     assert "](latency.png)" in summary
     assert "| flash-lcm" in output
 
 
+@pytest.mark.slow
 def test_comparison_grid_has_baseline_and_few_step_rows(compare_run):
     outdir, _ = compare_run
     grid = Image.open(outdir / "compare_baseline30_flash2_seed42.png")
@@ -123,10 +132,16 @@ def test_comparison_grid_has_baseline_and_few_step_rows(compare_run):
     assert grid.height > 2 * single.height  # two rows of tiles plus labels
 
 
+@pytest.mark.slow
 def test_report_rebuilds_summary_and_grids_from_records(compare_run):
     outdir, _ = compare_run
-    generated = ["summary.md", "latency.png", "grid_s4_seed42.png", "compare_baseline30_flash4_seed42.png",
-                 "baseline/grid_baseline_s30_seed42.png"]
+    generated = [
+        "summary.md",
+        "latency.png",
+        "grid_s4_seed42.png",
+        "compare_baseline30_flash4_seed42.png",
+        "baseline/grid_baseline_s30_seed42.png",
+    ]
     before = {name: (outdir / name).read_bytes() for name in generated}
     for name in generated:
         (outdir / name).unlink()
@@ -157,11 +172,12 @@ def test_several_images_prompts_no_seed_and_json(tmp_path, embedded_model):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n", encoding="utf-8")
     outdir = tmp_path / "run"
-    result = invoke("bench", "--steps", "2", "--num-images", "2", "--prompts", prompts, "--outdir", outdir,
-                    "--json", *FAST)
+    result = invoke(
+        "bench", "--steps", "2", "--num-images", "2", "--prompts", prompts, "--outdir", outdir, "--json", *FAST
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
-    record = read_records(outdir)[0]
+    record = record_json(outdir)[0]
     assert printed == [record]
     # Without --seed the names carry no seed; idx counts over prompts x images.
     assert record["images"] == [f"image_s2_i{i}.png" for i in range(4)]
@@ -171,6 +187,7 @@ def test_several_images_prompts_no_seed_and_json(tmp_path, embedded_model):
     assert isinstance(record["config"]["seed"], int)  # drawn and recorded, so the run can be repeated
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_not_overwritten_by_accident(compare_run):
     outdir, _ = compare_run
     before = (outdir / "records.jsonl").read_bytes()
@@ -181,9 +198,11 @@ def test_existing_run_folder_is_not_overwritten_by_accident(compare_run):
 
 
 def test_undistilled_is_the_base_model_on_the_few_step_schedule(tmp_path, embedded_model):
-    result = invoke("bench", "--sampler", "undistilled", "--steps", "2", "--outdir", tmp_path / "run", "--seed", "0", *FAST)
+    result = invoke(
+        "bench", "--sampler", "undistilled", "--steps", "2", "--outdir", tmp_path / "run", "--seed", "0", *FAST
+    )
     assert result.exit_code == 0, result.output
-    (record,) = read_records(tmp_path / "run")
+    (record,) = record_json(tmp_path / "run")
     assert record["sampler_info"]["scheduler"] == "LCMScheduler (trailing)"
     assert record["sampler_info"]["lora"] is None and record["guidance_scale"] == 0
     assert record["unet"]["evaluations_per_image"] == 2
@@ -194,8 +213,21 @@ def test_lora_id_with_lora_path_gives_flash_lcm_and_local_student_one_lora_each(
 
     other = tmp_path / "other"
     shutil.copytree(embedded_lora(), other)
-    result = invoke("bench", "--sampler", "flash-lcm", "local-student", "--steps", "2", "--lora_id", embedded_lora(),
-                    "--lora_path", other, "--outdir", tmp_path / "run", *FAST)
+    result = invoke(
+        "bench",
+        "--sampler",
+        "flash-lcm",
+        "local-student",
+        "--steps",
+        "2",
+        "--lora_id",
+        embedded_lora(),
+        "--lora_path",
+        other,
+        "--outdir",
+        tmp_path / "run",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
-    loras = {record["sampler"]: record["sampler_info"]["lora"] for record in read_records(tmp_path / "run")}
+    loras = {record["sampler"]: record["sampler_info"]["lora"] for record in record_json(tmp_path / "run")}
     assert loras == {"flash-lcm": str(embedded_lora()), "local-student": str(other)}

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from harness_plugins.clip_score import SCALE, ClipScoreMetric
 from PIL import Image, ImageDraw
 
 from harness.metric import MetricConfig, MetricInput
-from harness.records import read_records
-from harness_plugins.clip_score import SCALE, ClipScoreMetric
-from tests.conftest import invoke
+from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
 SHAPES_PROMPT = "a large red square in the centre on a blue background"
@@ -45,7 +44,7 @@ def picture(colour):
 
 
 def metric(clip_model):
-    return ClipScoreMetric(MetricConfig(torch.device("cpu"), {"clip_model": str(clip_model)}))
+    return ClipScoreMetric(MetricConfig(torch.device("cpu")), ClipScoreMetric.Options(clip_model=str(clip_model)))
 
 
 def reference_cosine(folder, image, prompt):
@@ -91,7 +90,7 @@ def test_bench_records_clip_score_with_its_model_and_scale(tmp_path, embedded_mo
     result = invoke("bench", "--steps", "2", "--metric", "clip-score", "--clip_model", tiny_clip,
                     "--outdir", outdir, *FAST)
     assert result.exit_code == 0, result.output
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     scores = record["metrics"]["clip-score"]
     assert scores["clip_model"] == str(tiny_clip) and scores["scale"] == SCALE
     assert scores["value"] == pytest.approx(100 * max(scores["cosine"], 0.0))
@@ -103,7 +102,7 @@ def test_offline_without_the_weights_one_line_and_the_other_metrics_still_run(tm
     result = invoke("bench", "--steps", "2", "--metric", "clip-score", "--metric", "fidelity",
                     "--clip_model", "nobody/no-clip", "--prompt", SHAPES_PROMPT, "--outdir", outdir, *FAST)
     assert result.exit_code == 0, result.output
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     error = record["metrics"]["clip-score"]["error"]
     assert "nobody/no-clip" in error and "pass --clip_model with a local folder" in error
     assert "\n" not in error

@@ -5,30 +5,8 @@ import json
 import pytest
 
 from harness.compare import compare_runs
-from harness.records import SCHEMA, append_record
-from tests.conftest import invoke
-
-
-def make_record(sampler="flash-lcm", steps=4, seconds_per_image=0.1, *, baseline=False, guidance_scale=0.0,
-                image_size=(64, 64), images_per_call=1, device_name="x86_64", dtype="float32", error=None):
-    """A minimal record with the fields README.md documents; ``error`` makes it a failed one."""
-    record = {
-        "schema": SCHEMA, "status": "ok", "created_utc": "2026-01-01T00:00:00Z",
-        "sampler": sampler, "baseline": baseline, "steps": steps, "guidance_scale": guidance_scale,
-        "config": {"model": "embedded", "prompts": ["a cat"], "num_images": images_per_call, "seed": 42},
-        "environment": {"device": "cpu", "device_name": device_name, "dtype": dtype},
-    }
-    if error is not None:
-        return {**record, "status": "failed", "error": error}
-    seconds_per_call = seconds_per_image * images_per_call
-    return {
-        **record,
-        "timing": {"load_s": 1.0, "first_call_s": seconds_per_call * 2,
-                   "seconds_per_call": {"n": 5, "median": seconds_per_call},
-                   "samples_s": [seconds_per_call] * 5, "images_per_call": images_per_call,
-                   "seconds_per_image": seconds_per_image, "images_per_s": 1 / seconds_per_image},
-        "image_size": list(image_size),
-    }
+from harness.records import append_record
+from tests.conftest import invoke, make_record
 
 
 def write_run(folder, records):
@@ -116,7 +94,7 @@ def test_measurements_match_only_with_the_same_work_per_image():
                   make_record("flash-lcm", 8, 0.2), make_record("vanilla-sd", 4, 0.2)]
     assert compare_runs(a, other_work).matched == []
     more_prompts = {"model": "embedded", "prompts": ["x", "y"], "num_images": 1, "seed": 1}
-    same_work = [{**make_record("flash-lcm", 4, 0.3), "config": more_prompts}]
+    same_work = [make_record("flash-lcm", 4, 0.3, config=more_prompts)]
     assert [match.ratio for match in compare_runs(a, same_work).matched] == [pytest.approx(1.5)]
 
 
@@ -135,7 +113,6 @@ def test_different_devices_or_dtypes_warn(tmp_path, setup, shown):
 @pytest.mark.parametrize("make_b, message", [
     (lambda tmp: tmp / "missing", "no records.jsonl at"),
     (lambda tmp: write_run(tmp / "empty", []), "holds no records"),
-    (lambda tmp: write_run(tmp / "foreign", [{"name": "not a record"}]), "not harness.record/1 records"),
     (lambda tmp: write_run(tmp / "other", [make_record("vanilla-sd", 50, 2.0)]), "no measurement of A"),
     (lambda tmp: write_run(tmp / "twice", [make_record(), make_record()]), "measures flash-lcm 4 steps"),
 ])
@@ -145,3 +122,18 @@ def test_bad_input_exits_2_with_a_one_line_fix(tmp_path, make_b, message):
     assert result.exit_code == 2
     assert result.output.startswith("Error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_lines_that_are_not_records_are_skipped_with_a_warning(tmp_path):
+    a = write_run(tmp_path / "a", run_records())
+    b = write_run(tmp_path / "b", run_records())
+    with open(b / "records.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"name": "not a record"}) + "\n")
+    result = invoke("compare", a, b)
+    assert result.exit_code == 0
+    assert f"Warning: line 4 of {b / 'records.jsonl'}: schema None is not 'harness.record/1'" in result.output
+    foreign = write_run(tmp_path / "foreign", [])
+    (foreign / "records.jsonl").write_text(json.dumps({"name": "not a record"}) + "\n")
+    result = invoke("compare", a, foreign)
+    assert result.exit_code == 2 and result.output.splitlines()[-1].startswith("Error: B ")
+    assert "holds no records" in result.output

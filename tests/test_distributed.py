@@ -14,7 +14,10 @@ from PIL import Image
 
 from harness import distributed
 from harness.errors import HarnessError
-from harness.records import read_records
+from tests.conftest import record_json
+
+# Several processes per test: not part of the fast subset.
+pytestmark = pytest.mark.slow
 
 FAST = ("--model", "embedded", "--warmup", "0", "--repeats", "1", "--quiet")
 PROMPTS = [
@@ -123,7 +126,7 @@ def assert_same_run(one: Path, two: Path, calls: int) -> None:
     for name in _images(one):
         with Image.open(one / name) as a, Image.open(two / name) as b:
             assert a.size == b.size and a.tobytes() == b.tobytes(), name
-    one_records, two_records = read_records(one), read_records(two)
+    one_records, two_records = record_json(one), record_json(two)
     assert [(r["sampler"], r["steps"], r["images"]) for r in two_records] == \
            [(r["sampler"], r["steps"], r["images"]) for r in one_records]
     for single, record in zip(one_records, two_records):
@@ -147,7 +150,7 @@ def test_torchrun_bench_writes_the_one_process_run(tmp_path, prompts):
     result = _run(torchrun(*args, "--outdir", tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", calls=6)
     assert result.stdout.count("| flash-lcm") == 2  # only rank 0 prints the table
-    psnr = [r["metrics"]["psnr"] for r in read_records(tmp_path / "two") if not r["baseline"]]
+    psnr = [r["metrics"]["psnr"] for r in record_json(tmp_path / "two") if not r["baseline"]]
     assert all("value" in result for result in psnr)
 
 
@@ -175,23 +178,40 @@ def test_a_sampler_failing_on_one_rank_fails_its_measurement_naming_the_rank(tmp
     result = _run(torchrun("--plugin-dir", plugin_dir, "bench", "--sampler", "rank-one-explodes", "flash-lcm",
                            "--steps", "2", "--prompts", prompts, "--outdir", outdir, *FAST), expect=1)
     assert "Error: rank-one-explodes (2 steps): rank 1: RuntimeError: boom on rank 1" in result.stderr
-    failed, ok = read_records(outdir)
-    assert (failed["status"], failed["error"], failed["world_size"]) == ("failed", "rank 1: RuntimeError: boom on rank 1", 2)
+    failed, ok = record_json(outdir)
+    assert (failed["status"], failed["world_size"]) == ("failed", 2)
+    assert failed["error"] == "rank 1: RuntimeError: boom on rank 1"
     assert (ok["sampler"], ok["status"], ok["world_size"]) == ("flash-lcm", "ok", 2)
 
 
 @pytest.mark.parametrize("sampler", ["rank-one-dies", "rank-one-hangs"])
 def test_a_rank_that_dies_or_hangs_stops_the_run_and_keeps_what_finished(tmp_path, prompts, plugin_dir, sampler):
     outdir = tmp_path / "run"
-    result = _run(torchrun("--plugin-dir", plugin_dir, "bench", "--sampler", "flash-lcm", sampler, "--steps", "2",
-                           "--prompts", prompts, "--outdir", outdir, *FAST),
-                  expect=None, HARNESS_DISTRIBUTED_TIMEOUT="20")
+    result = _run(
+        torchrun(
+            "--plugin-dir",
+            plugin_dir,
+            "bench",
+            "--sampler",
+            "flash-lcm",
+            sampler,
+            "--steps",
+            "2",
+            "--prompts",
+            prompts,
+            "--outdir",
+            outdir,
+            *FAST,
+        ),
+        expect=None,
+        HARNESS_DISTRIBUTED_TIMEOUT="20",
+    )
     assert result.returncode != 0
     # Rank 0 names it ("rank 1 stopped answering"), or torchrun does when it stopped rank 0 first ("rank : 1").
     assert re.search(r"rank\s+(:\s+)?1\b", result.stderr), result.stderr[-3000:]
     if sampler == "rank-one-hangs":
         assert "Error: rank 1 stopped answering: failed (see its own error) or hung for more than 20 s" in result.stderr
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     assert (record["sampler"], record["status"], record["world_size"]) == ("flash-lcm", "ok", 2)
 
 
@@ -210,6 +230,8 @@ def test_world_comes_from_the_launchers_variables(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert distributed.world_from_env() == distributed.World(3, 4, 1)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(HarnessError, match=r"^RANK=3 does not fit WORLD_SIZE=3; start several processes"):
@@ -229,8 +251,10 @@ def test_more_processes_than_calls_is_refused(tmp_path, embedded_model):
     spec = BenchSpec(samplers=["flash-lcm"], steps=[2], prompts=PROMPTS, model="embedded", outdir=tmp_path)
     with pytest.raises(HarnessError) as failure:
         BenchRun(spec, get_registry(()), world=distributed.World(0, 4))
-    assert failure.value.message == ("4 processes share 3 pipeline call(s) per measurement (3 prompt(s) x 1 call(s) "
-                                     "each); launch at most that many processes, or give more prompts with --prompts.")
+    assert failure.value.message == (
+        "4 processes share 3 pipeline call(s) per measurement (3 prompt(s) x 1 call(s) "
+        "each); launch at most that many processes, or give more prompts with --prompts."
+    )
 
 
 def test_one_process_records_carry_world_size_one(tmp_path, embedded_model):

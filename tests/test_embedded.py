@@ -116,6 +116,7 @@ def test_shipped_folder_loads_in_fp32_without_warnings(model_dir):
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
 
 
+@pytest.mark.slow
 def test_the_teacher_draws_what_held_out_prompts_say(model_dir):
     pipe = _load(model_dir)
     prompts = held_out_prompts()[::8]  # 8 prompts, every shape, colour and position
@@ -136,10 +137,12 @@ def test_the_shipped_lora_is_loaded_at_its_scale_and_unloads(model_dir, lora_dir
     metadata, tensors = _lora_contents(lora_dir)
     config = json.loads(metadata["lora_adapter_metadata"])  # the UNet adapter's keys carry a "unet." prefix
     key = next(k for k in tensors if k.endswith("attn1.to_q.lora.down.weight")).removesuffix(".down.weight")
-    delta = config["unet.lora_alpha"] / config["unet.r"] * tensors[f"{key}.up.weight"].float() @ tensors[f"{key}.down.weight"].float()
+    scale = config["unet.lora_alpha"] / config["unet.r"]
+    delta = scale * tensors[f"{key}.up.weight"].float() @ tensors[f"{key}.down.weight"].float()
     module = pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".lora"))
-    base = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32).unet.get_submodule(
-        key.removeprefix("unet.").removesuffix(".lora"))
+    base = StableDiffusionPipeline.from_pretrained(
+        model_dir, use_safetensors=True, dtype=torch.float32
+    ).unet.get_submodule(key.removeprefix("unet.").removesuffix(".lora"))
     torch.testing.assert_close(module.weight, base.weight + delta, rtol=1e-3, atol=1e-3)
     pipe.unfuse_lora()
     pipe.unload_lora_weights()

@@ -3,8 +3,7 @@
 
 import pytest
 
-from harness.records import read_records
-from tests.conftest import invoke
+from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
 
@@ -64,16 +63,20 @@ def test_failing_samplers_are_recorded_and_the_others_still_run(tmp_path, plugin
     result = invoke("--plugin-dir", plugin_dir, "bench", "--sampler", "explodes", "oom", "broken-load", "flash-lcm",
                     "--steps", "2", "--outdir", outdir, *FAST)
     assert result.exit_code == 1
-    records = {r["sampler"]: r for r in read_records(outdir)}
+    records = {r["sampler"]: r for r in record_json(outdir)}
     assert records["flash-lcm"]["status"] == "ok"
     assert records["explodes"] == {**records["explodes"], "status": "failed",
                                    "error": "RuntimeError: boom at step 1"}
-    assert records["oom"]["error"] == "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications."
+    assert (
+        records["oom"]["error"]
+        == "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications."
+    )
     assert records["broken-load"]["error"] == "ValueError: weights missing"
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert errors == [
         "Error: explodes (2 steps): RuntimeError: boom at step 1",
-        "Error: oom (2 steps): CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications.",
+        "Error: oom (2 steps): CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU "
+        "applications.",
         "Error: broken-load: ValueError: weights missing",
     ]
     summary = (outdir / "summary.md").read_text()
@@ -84,7 +87,7 @@ def test_steps_beyond_the_scheduler_fail_that_measurement_only(tmp_path, embedde
     outdir = tmp_path / "run"
     result = invoke("bench", "--steps", "2", "51", "--outdir", outdir, *FAST)
     assert result.exit_code == 1
-    ok, failed = read_records(outdir)
+    ok, failed = record_json(outdir)
     assert ok["status"] == "ok" and failed["status"] == "failed"
     assert failed["error"].startswith("51 steps is more than LCMScheduler can run")
     assert failed["error"].endswith("pass fewer --steps.")
@@ -98,7 +101,7 @@ def test_long_prompt_is_a_warning_not_an_error(tmp_path, embedded_model):
     prompt = " ".join(["a red circle"] * 30)
     result = invoke("bench", "--steps", "2", "--prompt", prompt, "--outdir", outdir, "--json", *FAST)
     assert result.exit_code == 0
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     assert record["status"] == "ok"
     [warning] = record["warnings"]
     assert "92 tokens long; the text encoder reads the first 77" in warning
@@ -109,7 +112,7 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00a red circle")
     result = invoke("bench", "--dry-run", "--prompts", bad)
     assert result.exit_code == 2
-    assert f"cannot read prompt file '{bad}': UnicodeDecodeError; pass a UTF-8 text file." in result.output
+    assert f"prompt file '{bad}' is UTF-16 text; save it as UTF-8." in result.output
 
 
 def test_jsonl_prompt_file_without_prompt_field(tmp_path):
@@ -117,7 +120,7 @@ def test_jsonl_prompt_file_without_prompt_field(tmp_path):
     bad.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
     result = invoke("bench", "--dry-run", "--prompts", bad)
     assert result.exit_code == 2
-    assert "line 2 is not a JSON object with a 'prompt' field" in result.output
+    assert f"line 2 of {bad}: no 'prompt' field; write every line of a JSONL prompt file as" in result.output
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -142,9 +145,13 @@ def test_lora_for_another_architecture_is_one_line(tmp_path, embedded_model):
     lora = tmp_path / "lora"
     lora.mkdir()
     # SD 1.5-shaped LoRA weights (320 channels) for a model whose first attention has 64.
-    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4)},
-              lora / "pytorch_lora_weights.safetensors")
+    save_file(
+        {
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4),
+        },
+        lora / "pytorch_lora_weights.safetensors",
+    )
     result = invoke("bench", "--lora_path", lora, "--steps", "2", "--outdir", tmp_path / "run", *FAST)
     assert result.exit_code == 1
     [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -171,8 +178,10 @@ def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_pa
     result = invoke("bench", "--steps", "2", "4", "8", "--outdir", outdir, *FAST)
     assert result.exit_code == 2
     [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert error == (f"Error: cannot write results to '{outdir}': No space left on device; free some space or pass "
-                     f"--outdir on another disk. The 1 finished measurement(s) are in {outdir / 'records.jsonl'}.")
-    [record] = read_records(outdir)
+    assert error == (
+        f"Error: cannot write results to '{outdir}': No space left on device; free some space or pass "
+        f"--outdir on another disk. The 1 finished measurement(s) are in {outdir / 'records.jsonl'}."
+    )
+    [record] = record_json(outdir)
     assert record["steps"] == 2 and record["status"] == "ok"
     assert not [p for p in outdir.iterdir() if p.name.startswith(".")]

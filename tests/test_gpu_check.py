@@ -1,7 +1,6 @@
 """scripts/gpu_check.sh: refuses a machine without CUDA in one line; its report catches what a GPU run can
 get wrong (missing CUDA memory figures, wrong UNet counts, an out-of-memory request that crashed)."""
 
-import copy
 import importlib.util
 import json
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import make_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,15 +23,12 @@ def gpu_report():
 
 
 def _record(sampler: str, steps: int, baseline: bool, evaluations: int, seconds: float) -> dict:
-    return {
-        "schema": "harness.record/1", "status": "ok", "sampler": sampler, "baseline": baseline, "steps": steps,
-        "guidance_scale": 7.5 if baseline else 0.0, "deterministic": True,
-        "environment": {"device": "cuda:0", "dtype": "float16"},
-        "memory": {"cuda_max_allocated_mb": 2600.0, "cuda_max_reserved_mb": 3100.0},
-        "unet": {"evaluations_per_image": evaluations},
-        "stages": {"per_step_s": [seconds / max(steps, 1)] * steps},
-        "timing": {"seconds_per_image": seconds, "images_per_s": 1 / seconds, "first_call_s": 2 * seconds},
-    }
+    """A record as a CUDA fp16 run writes it."""
+    record = make_record(sampler, steps, seconds, baseline=baseline, guidance_scale=7.5 if baseline else 0.0,
+                         evaluations=evaluations).to_json()
+    record["environment"].update(device="cuda:0", dtype="float16")
+    record["memory"] = {"cuda_max_allocated_mb": 2600.0, "cuda_max_reserved_mb": 3100.0}
+    return record
 
 
 def _write_run(work: Path, name: str, records: list, code: int, log: str = "") -> None:
@@ -45,8 +43,8 @@ def _good_work(work: Path) -> None:
         records = [_record("vanilla-sd", 30, True, 62, 1.2)]
         records += [_record("flash-lcm", steps, False, steps, 0.01 * steps + 0.02) for steps in (2, 4, 8)]
         _write_run(work, name, records, 0)
-    failed = {"schema": "harness.record/1", "status": "failed", "sampler": "flash-lcm", "baseline": False, "steps": 2,
-              "error": "CUDA out of memory: reduce --num_images (or --batch) to 1 and close other GPU applications."}
+    failed = make_record("flash-lcm", 2, error="CUDA out of memory: reduce --num_images (or --batch) to 1 and close "
+                                               "other GPU applications.").to_json()
     _write_run(work, "out-of-memory", [failed], 1, "Error: flash-lcm (2 steps): CUDA out of memory: ...\n")
 
 
@@ -94,10 +92,15 @@ def test_without_cuda_the_check_is_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the check would run for real")
-    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "work")],
-                            capture_output=True, text=True, env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "Error: no CUDA device visible to PyTorch; run this on a GPU machine with a CUDA build of torch "
-        "(see README: GPU setup)."]
+        "(see README: GPU setup)."
+    ]
     assert not (tmp_path / "work").exists()

@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+# Real training, several processes or a real model per test: not part of the fast subset.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("sig, exit_code", [(signal.SIGTERM, 130), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_signal_mid_run_keeps_finished_records(tmp_path, embedded_model, sig, exit_code):

@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from harness_plugins.image_metrics import psnr, ssim
 from PIL import Image, ImageChops, ImageDraw
 
-from harness.records import read_records
-from harness_plugins.image_metrics import psnr, ssim
-from tests.conftest import invoke
+from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
 
@@ -42,12 +41,13 @@ def test_ssim_is_symmetric_and_punishes_structure_more_than_brightness():
     assert ssim(picture(), brighter) > ssim(picture(), picture(6))
 
 
+@pytest.mark.slow
 def test_bench_scores_few_step_images_against_the_baseline(tmp_path, embedded_model):
     outdir = tmp_path / "run"
     result = invoke("bench", "--steps", "2", "--compare_baseline", "--metric", "psnr", "ssim", "--seed", "1",
                     "--outdir", outdir, *FAST)
     assert result.exit_code == 0, result.output
-    baseline, flash = read_records(outdir)
+    baseline, flash = record_json(outdir)
     assert baseline["metrics"]["psnr"] == {"skipped": "this measurement is the reference"}
     scores = flash["metrics"]
     assert scores["psnr"]["reference"] == "vanilla-sd 30 steps" and scores["ssim"]["reference"] == "vanilla-sd 30 steps"
@@ -63,19 +63,18 @@ def test_bench_scores_few_step_images_against_the_baseline(tmp_path, embedded_mo
 def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded_model):
     outdir = tmp_path / "run"
     assert invoke("bench", "--steps", "2", "--metric", "psnr", "--outdir", outdir, *FAST).exit_code == 0
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     assert record["metrics"]["psnr"] == {"skipped": "no baseline in this run to compare with: add --compare_baseline"}
 
 
 def test_no_quality_metric_runs_on_random_weights(tmp_path):
     from harness.plugins import get_registry
-    from harness.runner import BenchRun, BenchSpec, Task
+    from harness.runner import BenchRun, BenchSpec, Reference, Task
 
-    spec = BenchSpec(samplers=["flash-lcm"], steps=[2], prompts=["p"], model="sd15-arch", outdir=tmp_path,
-                     metrics=["psnr"])
-    run = BenchRun(spec, get_registry())
-    run.reference = ("vanilla-sd 30 steps", [picture()])
-    scores = run._score(Task("flash-lcm", 2, 0.0, False, ""), [picture(1)], ["p"])
+    spec = BenchSpec(samplers=("flash-lcm",), steps=(2,), prompts=("p",), model="sd15-arch", outdir=tmp_path,
+                     metrics=("psnr",))
+    scores = BenchRun(spec, get_registry()).scorer.score(Task("flash-lcm", 2, 0.0, False, ""), [picture(1)], ["p"],
+                          Reference("vanilla-sd 30 steps", [picture()]))
     assert scores == {"psnr": {"skipped": "random weights, timing only: quality metrics mean nothing here"}}
 
 
@@ -94,10 +93,10 @@ def test_plugins_lists_metrics():
 
 def test_fidelity_is_perfect_on_renders_of_the_prompt_and_low_on_other_prompts():
     import torch
+    from harness_plugins.fidelity import FidelityMetric
 
     from harness.metric import MetricConfig, MetricInput
     from harness.shapes import all_attributes, caption, render
-    from harness_plugins.fidelity import FidelityMetric
 
     attributes = all_attributes()[::97]
     images = [render(attrs) for attrs in attributes]
@@ -112,7 +111,7 @@ def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompt
     result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", outdir,
                     "--prompt", "a large red square in the centre on a blue background", *FAST)
     assert result.exit_code == 0, result.output
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     scores = record["metrics"]["fidelity"]
     assert set(scores) == {"value", "shape", "colour", "background", "position", "size", "overall", "n",
                            "higher_is_better"}
@@ -121,6 +120,6 @@ def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompt
     result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", tmp_path / "other",
                     "--prompt", "a cat wearing sunglasses", *FAST)
     assert result.exit_code == 0
-    [record] = read_records(tmp_path / "other")
+    [record] = record_json(tmp_path / "other")
     assert record["metrics"]["fidelity"]["error"].startswith("fidelity scores prompts of the shapes grammar only")
     assert "Warning: metric fidelity on flash-lcm 2 steps" in result.output

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.cli import expand_multi_value
+from harness.cli_support import expand_multi_value
 from tests.conftest import invoke
 
 
@@ -40,7 +40,7 @@ def test_repeated_flags_and_several_samplers_give_the_same_plan():
     assert one_flag["tasks"] == repeated["tasks"]
     # Baselines run first at --baseline_steps with --baseline_guidance, into baseline/.
     assert one_flag["tasks"][0] == {"sampler": "vanilla-sd", "steps": 30, "guidance_scale": 7.5,
-                                    "baseline": True, "folder": "baseline"}
+                                    "baseline": True, "folder": "baseline", "file_label": "vanilla-sd"}
 
 
 @pytest.mark.parametrize("spelling", ["seed", "click"])
@@ -90,7 +90,10 @@ def test_prompt_file_lines_and_jsonl(tmp_path):
         (["--num_images", "0"], "0 is not in the range x>=1"),
         (["--baseline_guidance", "-1"], "-1.0 is not in the range x>=0"),
         (["--height", "100"], "--height 100 is not a multiple of 8; pick e.g. 96."),
-        (["--sampler", "nope"], "unknown sampler 'nope'; known samplers: flash-lcm, local-student, undistilled, vanilla-sd."),
+        (
+            ["--sampler", "nope"],
+            "unknown sampler 'nope'; known samplers: flash-lcm, local-student, undistilled, vanilla-sd.",
+        ),
         (["--prompt", "x", "--prompts", "p.txt"], "pass either --prompt or --prompts, not both."),
         (["--prompt", "   "], "--prompt is empty"),
     ],
@@ -116,7 +119,11 @@ def test_eval_is_bench_with_the_student_against_the_baseline():
     planned = json.loads(result.output)
     assert planned["spec"]["samplers"] == ["local-student", "vanilla-sd"]
     assert [(t["sampler"], t["steps"], t["guidance_scale"]) for t in planned["tasks"]] == [
-        ("vanilla-sd", 30, 7.5), ("local-student", 2, 0.0), ("local-student", 4, 0.0), ("local-student", 8, 0.0)]
+        ("vanilla-sd", 30, 7.5),
+        ("local-student", 2, 0.0),
+        ("local-student", 4, 0.0),
+        ("local-student", 8, 0.0),
+    ]
 
 
 def test_built_in_prompt_sets(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_wheel_holds_every_module_and_model_file(built):
     assert not missing, f"the wheel lacks {sorted(missing)[:5]}"
     assert "harness/training/trainer.py" in names  # the subpackage a hand-written list once left out
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "harness = harness.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "harness = harness.launcher:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The latency plot: what it draws from the records, and the PNG it writes."""
 
+import pytest
 from PIL import Image
 
 from harness.plots import LATENCY_PLOT, latency_series, needs_log_scale, write_latency_plot
@@ -52,6 +53,7 @@ def test_pareto_front_keeps_only_points_nothing_beats():
     assert [p.label for p in pareto_front(points, higher_is_better=False)] == ["d"]
 
 
+@pytest.mark.slow
 def test_quality_plot_is_written_with_metric_values_and_linked(tmp_path, embedded_model):
     from tests.conftest import invoke
 

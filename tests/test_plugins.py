@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.plugins import Registry
-from harness.records import read_records
-from tests.conftest import invoke
+from tests.conftest import invoke, record_json
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -48,6 +47,7 @@ def test_builtin_samplers_are_listed_as_plugins():
             "description": "register_samplers"} in everything
 
 
+@pytest.mark.slow
 def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedded_model):
     site = tmp_path / "site"
     site.mkdir()
@@ -67,7 +67,7 @@ def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedd
                         "--seed", "3", "--outdir", outdir, "--warmup", "0", "--repeats", "1", "--quiet",
                         pythonpath=site, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
-    [record] = read_records(outdir)
+    [record] = record_json(outdir)
     assert record["sampler"] == "ddim" and record["baseline"] is True
     assert record["config"]["sampler_options"] == {"ddim_eta": 0.5}
     assert record["sampler_info"]["scheduler"].startswith("DDIMScheduler")
@@ -101,18 +101,96 @@ def test_broken_plugin_is_reported_and_the_rest_still_load(tmp_path):
     assert "ModuleNotFoundError" in broken["description"]
 
 
-def test_two_plugins_registering_one_name_is_an_error(tmp_path):
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "clash.py").write_text(
-        "import harness\nfrom harness.sampler import Sampler\n\n"
-        "class Clash(Sampler):\n    name = 'flash-lcm'\n\n"
-        "@harness.hookimpl\ndef register_samplers(register):\n    register(Clash)\n"
-    )
-    from harness.errors import HarnessError
+COMPLETE_SAMPLER = (
+    "import harness\nfrom harness.sampler import DiffusersSampler\n\n"
+    "class Clash(DiffusersSampler):\n    name = {name!r}\n    description = 'a sampler'\n\n"
+    "@harness.hookimpl\ndef register_samplers(register):\n    register(Clash)\n"
+)
 
-    with pytest.raises(HarnessError, match="sampler 'flash-lcm' is registered twice"):
-        Registry([folder])
+
+def write_plugin(folder: Path, name: str, source: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(source, encoding="utf-8")
+    return folder
+
+
+def test_two_plugins_registering_one_name_break_only_the_second(tmp_path):
+    folder = write_plugin(tmp_path / "plugins", "clash", COMPLETE_SAMPLER.format(name="flash-lcm"))
+    registry = Registry([folder])
+    assert registry.sampler("flash-lcm").source == "built-in"
+    [broken] = registry.broken()
+    assert broken.name == "clash"
+    assert broken.error == ("register_samplers: sampler 'flash-lcm' is registered twice (built-in and "
+                            f"file {folder / 'clash.py'}); uninstall one of the plugins")
+
+
+def test_a_plugin_whose_hook_raises_is_broken_and_the_rest_work(tmp_path):
+    folder = write_plugin(tmp_path / "plugins", "raises", (
+        "import harness\nfrom harness.sampler import DiffusersSampler\n\n"
+        "class Half(DiffusersSampler):\n    name = 'half'\n    description = 'registered before the failure'\n\n"
+        "@harness.hookimpl\ndef register_samplers(register):\n    register(Half)\n"
+        "    raise RuntimeError('plugin bug')\n\n"
+        "@harness.hookimpl\ndef harness_machine_info(info):\n    info['raises'] = 'never'\n"))
+    rows = {row["name"]: row for row in json.loads(invoke("--plugin-dir", folder, "plugins", "--json").output)}
+    assert rows["raises"]["kind"] == "broken"
+    assert rows["raises"]["description"] == "register_samplers: RuntimeError: plugin bug"
+    assert "half" not in rows and rows["flash-lcm"]["kind"] == "sampler"
+    result = invoke("--plugin-dir", folder, "bench", "--sampler", "half", "--dry-run")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: sampler 'half' comes from the plugin 'raises' (file {folder / 'raises.py'}), "
+                             "which is broken (register_samplers: RuntimeError: plugin bug); fix or uninstall that "
+                             "plugin.\n")
+    registry = Registry([folder])
+    assert registry.pm.get_plugin("raises") is None  # its other hooks (machine info) no longer run
+
+
+@pytest.mark.parametrize("body, missing", [
+    ("class Bad(Sampler):\n    name = 'bad'\n    description = 'd'\n",
+     "sampler class Bad does not implement describe, generate, load"),
+    ("class Bad(DiffusersSampler):\n    name = 'bad'\n", "sampler class Bad does not set description"),
+    ("class Bad:\n    name = 'bad'\n    description = 'd'\n", "is not a subclass of harness.sampler.Sampler"),
+    ("class Bad(DiffusersSampler):\n    name = 'bad'\n    description = 'd'\n    Options = dict\n",
+     "sampler class Bad has Options <class 'dict'>, not a dataclass subclass of harness.options.Options"),
+])
+def test_a_class_that_breaks_its_contract_is_refused_with_what_it_lacks(tmp_path, body, missing):
+    source = ("import harness\nfrom harness.sampler import DiffusersSampler, Sampler\n\n" + body +
+              "\n@harness.hookimpl\ndef register_samplers(register):\n    register(Bad)\n")
+    folder = write_plugin(tmp_path / "plugins", "contract", source)
+    [broken] = Registry([folder]).broken()
+    assert missing in broken.error
+    result = invoke("--plugin-dir", folder, "bench", "--sampler", "bad", "--dry-run")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert "comes from the plugin 'contract'" in result.output and missing in result.output
+
+
+def test_an_unknown_sampler_points_at_broken_plugins(tmp_path):
+    folder = write_plugin(tmp_path / "plugins", "broken", "import module_that_does_not_exist\n")
+    result = invoke("--plugin-dir", folder, "bench", "--sampler", "nope", "--dry-run")
+    assert result.exit_code == 2
+    assert "unknown sampler 'nope'" in result.output
+    assert "Broken plugins that may provide it: 'broken' (see `harness plugins`)." in result.output
+
+
+def test_hook_tracing_shows_the_register_hooks(tmp_path):
+    env = {**os.environ, "HARNESS_TRACE_HOOKS": "1"}
+    listed = subprocess.run([sys.executable, "-m", "harness", "plugins"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert listed.returncode == 0
+    for hook in ("register_samplers", "register_trainers", "register_metrics", "register_commands"):
+        assert f"{hook} [hook]" in listed.stderr
+
+
+def test_an_option_of_a_sampler_the_run_does_not_use_is_refused(tmp_path):
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "ddim_plugin.py").write_text(readme_plugin_source(), encoding="utf-8")
+    result = invoke("--plugin-dir", folder, "bench", "--sampler", "flash-lcm", "--ddim-eta", "0.5", "--dry-run")
+    assert result.exit_code == 2
+    assert result.output == ("Error: --ddim-eta is an option of sampler 'ddim', which this run does not use; "
+                             "add --sampler ddim, or leave the option out.\n")
+    planned = json.loads(invoke("--plugin-dir", folder, "bench", "--sampler", "ddim", "--ddim_eta", "0.5",
+                                "--dry-run").output)
+    assert planned["spec"]["sampler_options"] == {"ddim_eta": 0.5}
 
 
 def test_missing_plugin_dir_is_a_clear_error(tmp_path):

@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import expand_multi_value
-from harness.prompts import load_prompts
+from harness.cli_support import expand_multi_value
 from harness.errors import HarnessError
+from harness.prompts import load_prompts
 from tests.conftest import invoke
 
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -57,7 +58,7 @@ def test_any_prompt_file_gives_prompts_or_a_clear_error(tmp_path_factory, conten
     try:
         prompts = load_prompts(str(path))
     except HarnessError as error:
-        assert str(error).startswith(("prompt file", "cannot read prompt file"))
+        assert str(error).startswith(("prompt file", "cannot read prompt file", "line "))
         assert "\n" not in str(error)
     else:
         assert prompts and all(p == p.strip() and p for p in prompts)
@@ -69,9 +70,17 @@ def test_huge_prompt_file(tmp_path):
     assert len(load_prompts(str(path))) == 200_000
 
 
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @QUICK
 @given(st.lists(st.binary(max_size=400), min_size=1, max_size=3))
-def test_any_caption_file_bytes_give_a_caption(tmp_path_factory, captions):
+def test_any_caption_file_bytes_give_a_caption_or_a_counted_skip(tmp_path_factory, captions):
     from PIL import Image
 
     from harness.training.data import find_examples
@@ -80,9 +89,16 @@ def test_any_caption_file_bytes_give_a_caption(tmp_path_factory, captions):
     for index, caption in enumerate(captions):
         Image.new("RGB", (8, 8), "red").save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_bytes(caption)
+    readable = [caption for caption in captions if _utf8(caption)]
+    if not readable:
+        with pytest.raises(HarnessError, match="holds no usable image with a caption"):
+            find_examples(None, str(folder))
+        return
     examples = find_examples(None, str(folder))
-    assert len(examples) == len(captions)
+    assert len(examples) == len(readable)
     assert all(caption == caption.strip() for caption in examples.captions)
+    if len(readable) < len(captions):
+        assert any("not UTF-8 text" in line for line in examples.skipped)
 
 
 @QUICK

@@ -3,21 +3,14 @@
 import pytest
 
 from harness import report
+from tests.conftest import make_record
 
 
 def record(sampler, steps, median, stdev, evaluations, stages, baseline=False):
-    return {
-        "status": "ok", "sampler": sampler, "steps": steps, "baseline": baseline,
-        "guidance_scale": 7.5 if baseline else 0.0, "image_size": [64, 64],
-        "config": {"model": "embedded", "prompts": ["p"], "num_images": 1, "seed": 1, "warmup": 0, "repeats": 3},
-        "environment": {"device": "cpu", "device_name": "x86_64", "dtype": "float32"},
-        "timing": {"seconds_per_image": median, "images_per_s": 1 / median, "images_per_call": 1,
-                   "first_call_s": median, "load_s": 1.0,
-                   "seconds_per_call": {"median": median, "stdev": stdev, "p90": median}},
-        "unet": {"evaluations": evaluations, "evaluations_per_image": evaluations},
-        "memory": {"peak_rss_mb": 400.0},
-        "stages": stages,
-    }
+    return make_record(sampler, steps, median, stdev=stdev, evaluations=evaluations, stages=stages, baseline=baseline,
+                       guidance_scale=7.5 if baseline else 0.0,
+                       config={"model": "embedded", "prompts": ["p"], "num_images": 1, "seed": 1, "warmup": 0,
+                               "repeats": 3})
 
 
 BASELINE = record("vanilla-sd", 30, 1.0, 0.01, 60,
@@ -30,7 +23,7 @@ FAST = record("flash-lcm", 2, 0.1, 0.001, 2,
 
 def test_ideal_speedup_scales_only_the_denoising_time():
     # fixed 0.1 s + 0.9 s * 2/60 = 0.13 s -> 1.0 / 0.13
-    assert report.ideal_speedup(FAST, BASELINE) == pytest.approx(1 / 0.13)
+    assert report.ideal_speedup(FAST.measured, BASELINE.measured) == pytest.approx(1 / 0.13)
 
 
 def test_table_shows_measured_and_ideal_speedup():
@@ -41,7 +34,14 @@ def test_table_shows_measured_and_ideal_speedup():
 
 
 def test_noisy_measurements_are_flagged():
-    noisy = record("flash-lcm", 4, 0.2, 0.02, 4, FAST["stages"])  # stdev 10% of the median
+    noisy = record(
+        "flash-lcm",
+        4,
+        0.2,
+        0.02,
+        4,
+        {"total_s": 0.1, "text_encode_s": 0.02, "denoise_s": 0.03, "decode_s": 0.05, "per_step_s": [0.015, 0.015]},
+    )  # stdev 10% of the median
     markdown = report.summary_markdown([BASELINE, noisy])
     assert "10.0% !" in markdown
     assert "too noisy to compare" in markdown
@@ -57,7 +57,6 @@ def test_stage_table_accounts_for_the_whole_call():
 
 
 def test_failed_record_is_a_row_with_its_error():
-    failed = {"status": "failed", "sampler": "flash-lcm", "steps": 8, "guidance_scale": 0.0, "baseline": False,
-              "error": "CUDA out of memory: reduce --num_images to 1"}
+    failed = make_record("flash-lcm", 8, error="CUDA out of memory: reduce --num_images to 1")
     table = report.summary_table([BASELINE, failed])
     assert "failed: CUDA out of memory" in table

@@ -14,8 +14,20 @@ from PIL import Image, ImageFilter
 from harness.errors import HarnessError
 from harness.judge import describe, judge, judge_all
 from harness.shapes import (
-    ATTRIBUTE_NAMES, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES, ShapeAttributes, all_attributes, caption,
-    held_out_prompts, is_held_out, parse_caption, render, sample_attributes, write_dataset,
+    ATTRIBUTE_NAMES,
+    COLOUR_NAMES,
+    POSITIONS,
+    SHAPES,
+    SIZE_NAMES,
+    ShapeAttributes,
+    all_attributes,
+    caption,
+    held_out_prompts,
+    is_held_out,
+    parse_caption,
+    render,
+    sample_attributes,
+    write_dataset,
 )
 from tests.conftest import invoke
 

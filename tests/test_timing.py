@@ -7,19 +7,20 @@ import pytest
 import torch
 
 from harness import timing
+from harness.schema import Stats
 
 CPU = torch.device("cpu")
 
 
 def test_stats_on_known_samples():
     samples = [0.4, 0.1, 0.3, 0.2, 1.0]
-    stats = timing.Stats.from_samples(samples)
+    stats = Stats.from_samples(samples)
     assert (stats.n, stats.min, stats.max, stats.median) == (5, 0.1, 1.0, 0.3)
     assert stats.mean == pytest.approx(0.4)
     assert stats.stdev == pytest.approx(statistics.stdev(samples))
     assert stats.p90 == pytest.approx(0.76)  # numpy.percentile(samples, 90), linear interpolation
     assert stats.iqr == pytest.approx(0.4 - 0.2)
-    assert timing.Stats.from_samples([2.0]).stdev == 0.0
+    assert Stats.from_samples([2.0]).stdev == 0.0
 
 
 def test_measure_accounts_for_every_call_and_restores_gc():

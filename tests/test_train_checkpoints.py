@@ -70,7 +70,9 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
 
     copy = torch.nn.Parameter(parameter.detach().clone())
     restored = torch.optim.AdamW([copy], lr=0.5)
-    restored.load_state_dict(checkpoints.unflatten_optimizer(loaded.with_prefix("optimizer."), loaded.info["optimizer"]))
+    restored.load_state_dict(
+        checkpoints.unflatten_optimizer(loaded.with_prefix("optimizer."), loaded.info["optimizer"])
+    )
     _adamw_step(parameter, optimizer)
     _adamw_step(copy, restored)
     assert torch.equal(parameter, copy)

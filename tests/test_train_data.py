@@ -89,12 +89,14 @@ def test_a_folder_without_images_explains_the_layouts(tmp_path):
         find_examples(None, str(tmp_path / "absent"))
 
 
-def test_bad_metadata_line_is_reported_with_its_number(tmp_path):
+def test_bad_metadata_line_is_skipped_and_reported_with_its_number(tmp_path):
     folder = write_shapes(tmp_path / "data", count=2, layout="metadata")
     with open(folder / "metadata.jsonl", "a") as handle:
         handle.write('{"file_name": "000.png"}\n')
-    with pytest.raises(HarnessError, match="line 3"):
-        find_examples(None, str(folder))
+    examples = find_examples(None, str(folder))
+    assert len(examples) == 2
+    assert examples.skipped == [f"1 unusable line(s) of metadata.jsonl, e.g. line 3 of {folder / 'metadata.jsonl'}: "
+                                "no caption field (text, caption, captions, prompt, sentence, description, title)"]
 
 
 def test_images_are_resized_and_centre_cropped():

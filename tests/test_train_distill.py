@@ -5,16 +5,18 @@ import json
 import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
+from harness_plugins.distill import DistillConfig, DistillTrainer
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from harness.records import read_records
-from harness.shapes import held_out_prompts, write_dataset
 from harness.report import GAP, LABEL_HEIGHT, MIN_TILE
-from harness_plugins.distill import DistillConfig, DistillTrainer
-from tests.conftest import invoke
+from harness.shapes import held_out_prompts, write_dataset
+from tests.conftest import invoke, record_json
 from tests.test_train_data import write_shapes
+
+# Real training, several processes or a real model per test: not part of the fast subset.
+pytestmark = pytest.mark.slow
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a green background"]
 SEEDS = [0, 1]
@@ -129,7 +131,7 @@ def test_bench_runs_the_trained_lora_as_local_student(straight_run, tmp_path):
     result = invoke("bench", "--sampler", "local-student", "--lora_path", final, "--steps", "2", "4",
                     "--model", "embedded", "--outdir", tmp_path / "bench", "--warmup", "0", "--repeats", "1", "--quiet")
     assert result.exit_code == 0, result.output
-    bench_records = read_records(tmp_path / "bench")
+    bench_records = record_json(tmp_path / "bench")
     assert [(r["sampler"], r["steps"], r["status"]) for r in bench_records] == [
         ("local-student", 2, "ok"), ("local-student", 4, "ok")]
     assert str(final) in bench_records[0]["sampler_info"]["lora"]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from harness_plugins.distill import DistillTrainer
+
 from tests.conftest import invoke
 from tests.test_train_data import write_shapes
 
@@ -61,6 +61,7 @@ def test_skipped_examples_are_reported_and_training_goes_on(tmp_path, shapes, em
     assert (tmp_path / "out" / "lora_student" / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_resume_latest_ends_with_the_uninterrupted_weights(tmp_path, shapes, embedded_model):
     import os
     import signal

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from harness.records import read_records
+from tests.conftest import record_json
 from tests.test_train_data import write_shapes
+
+# Real training, several processes or a real model per test: not part of the fast subset.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--model", "embedded", "--teacher_steps", "2", "--seed", "1")
@@ -64,5 +67,5 @@ def test_eval_lora_sh_splits_the_seeds_quoted_steps(tmp_path):
     _run(["bash", REPO / "scripts" / "eval_lora.sh", "--lora_path", embedded_lora(), "--model", "embedded",
           "--prompt", "a red circle", "--steps", "2 4", "--seed", "42", "--outdir", tmp_path / "eval",
           "--warmup", "0", "--repeats", "1"])
-    measured = [(r["sampler"], r["steps"]) for r in read_records(tmp_path / "eval")]
+    measured = [(r["sampler"], r["steps"]) for r in record_json(tmp_path / "eval")]
     assert measured == [("vanilla-sd", 30), ("local-student", 2), ("local-student", 4)]

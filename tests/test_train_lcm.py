@@ -6,9 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.records import read_records
-from tests.conftest import invoke
+from tests.conftest import invoke, record_json
 from tests.test_train_data import write_shapes
+
+# Real training, several processes or a real model per test: not part of the fast subset.
+pytestmark = pytest.mark.slow
 
 # One solver step (t = 999 to 0) and a fixed w take the timestep and guidance draws out of the loss's noise,
 # so 20 steps at a high learning rate show the student learning the guided teacher.
@@ -48,7 +50,7 @@ def test_local_student_runs_the_final_lora(run, tmp_path):
     result = invoke("bench", "--sampler", "local-student", "--lora_path", final, "--steps", "2",
                     "--model", "embedded", "--outdir", tmp_path, "--warmup", "0", "--repeats", "1", "--quiet")
     assert result.exit_code == 0, result.output
-    records = read_records(tmp_path)
+    records = record_json(tmp_path)
     assert [(r["sampler"], r["steps"], r["status"]) for r in records] == [("local-student", 2, "ok")]
     assert str(final) in records[0]["sampler_info"]["lora"]
 

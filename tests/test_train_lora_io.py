@@ -16,16 +16,22 @@ RANK, ALPHA = 4, 32  # scale 8: loading at scale 1 would be far off
 
 @pytest.fixture(scope="module")
 def pipe(embedded_model):
-    return StableDiffusionPipeline.from_pretrained(embedded_model, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(
+        embedded_model,
+        use_safetensors=True,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def peft_adapter(pipe, tmp_path_factory):
     """A trained-looking PEFT adapter folder and its model, the reference for the adapter's true output."""
     torch.manual_seed(0)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
     model = get_peft_model(copy.deepcopy(pipe.unet), config)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 from accelerate.tracking import TensorBoardTracker, WandBTracker
+from harness_plugins.distill import DistillTrainer
 from PIL import Image
 
 from harness.errors import HarnessError
 from harness.shapes import write_dataset
 from harness.training import trainer as trainer_module
-from harness_plugins.distill import DistillTrainer
 from tests.conftest import invoke
 from tests.test_train_data import write_shapes
 from tests.test_train_pretrain import TINY

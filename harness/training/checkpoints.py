@@ -7,31 +7,51 @@ checkpoint too) and what resuming needs:
 - ``training_state.safetensors``: trainable parameters at full precision, optimizer tensors, RNG states and
   the trainer's own state (``extra.``: what its ``extra_state()`` returns, e.g. lcm's EMA target weights);
 - ``training_state.json``: step, samples seen, seed, optimizer hyper-parameters, lr-scheduler and
-  grad-scaler state, Python and NumPy RNG states.
+  grad-scaler state, Python and NumPy RNG states, and the files the trainer's weights were saved as.
 
-Nothing is pickled, so resuming from a checkpoint someone else wrote cannot run their code.
+Nothing is pickled, so resuming from a checkpoint someone else wrote cannot run their code. Everything a
+resumed run reads is checked first (:func:`load_resumable`): a torn or damaged checkpoint is a
+:class:`CheckpointError` that names it and what is wrong, so ``latest`` can pass over it to an earlier one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from harness.errors import HarnessError
+from harness import lora_io
+from harness.errors import HarnessError, one_line
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_INFO = "training_state.json"
+#: training_state.json's list of the files save_weights() wrote, checked when resuming.
+WEIGHTS_FILES = "weights_files"
 FINAL = "final"
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+_OPTIMIZER_TENSOR = re.compile(r"optimizer\.\d+\..+")
+# Mersenne Twister states: NumPy keeps 624 words, Python 624 and the position.
+_MT_WORDS = 624
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint that cannot be resumed from; ``problem`` says what is wrong, for a notice that passes over it."""
+
+    def __init__(self, folder: Path, problem: str):
+        super().__init__(f"'{folder}' is not a complete training checkpoint ({problem}); pass a checkpoint-N folder "
+                         "written by harness train, or --resume_from_checkpoint latest.")
+        self.folder, self.problem = folder, problem
 
 
 def checkpoint_name(step: int) -> str:
@@ -78,19 +98,166 @@ class TrainingState:
 
     @classmethod
     def load(cls, folder: Path) -> TrainingState:
-        if not (folder / STATE_INFO).is_file() or not (folder / STATE_TENSORS).is_file():
-            raise HarnessError(f"'{folder}' is not a complete training checkpoint (no {STATE_INFO} / {STATE_TENSORS}); "
-                               "pass a checkpoint-N folder written by harness train, or --resume_from_checkpoint latest.")
-        return cls(load_file(folder / STATE_TENSORS), json.loads((folder / STATE_INFO).read_text(encoding="utf-8")))
+        """The tensors and info a checkpoint holds; a missing, torn or unreadable file is a CheckpointError."""
+        missing = [name for name in (STATE_INFO, STATE_TENSORS) if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(folder, "no " + " / ".join(missing))
+        return cls(_read_tensors(folder), _read_info(folder))
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors stored under ``prefix``, with the prefix removed."""
-        return {name[len(prefix):]: t for name, t in self.tensors.items() if name.startswith(prefix)}
+        return {name[len(prefix) :]: t for name, t in self.tensors.items() if name.startswith(prefix)}
 
 
-def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    # The header is checked first: safetensors maps the file, and a mapped file that ends early kills the process.
+    try:
+        lora_io.safetensors_header(folder / STATE_TENSORS)
+    except ValueError as error:
+        raise CheckpointError(folder, str(error)) from None
+    try:
+        return load_file(folder / STATE_TENSORS)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(folder, f"{STATE_TENSORS} cannot be read ({one_line(error)})") from None
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((folder / STATE_INFO).read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise CheckpointError(folder, f"cannot read {STATE_INFO}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(folder, f"{STATE_INFO} is not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(folder, f"{STATE_INFO} is not JSON (cut short, or not written by harness)") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(folder, f"{STATE_INFO} is not a JSON object")
+    return info
+
+
+def load_resumable(folder: Path) -> TrainingState:
+    """A checkpoint's state, checked to hold everything a resumed run reads, each value of the type it must have,
+    and the weight files it lists: a wrong value is a CheckpointError naming it, not an error deep in the restore."""
+    state = TrainingState.load(folder)
+    problem = _info_problem(state.info) or _tensors_problem(state) or _weights_problem(folder, state.info)
+    if problem is not None:
+        raise CheckpointError(folder, problem)
+    return state
+
+
+def newest_resumable(folder: Path, on_skip: Callable[[CheckpointError], None]) -> tuple[Path, TrainingState] | None:
+    """The newest checkpoint in ``folder`` that :func:`load_resumable` accepts, with its state; every newer one
+    is passed to ``on_skip``. None when there is none."""
+    for _, path in reversed(completed_checkpoints(folder)):
+        try:
+            return path, load_resumable(path)
+        except CheckpointError as error:
+            on_skip(error)
+    return None
+
+
+def _whole(value: object, low: int = 0, high: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optimizer_info(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    groups, scalars = value.get("param_groups"), value.get("scalars")
+    return (isinstance(groups, list) and all(isinstance(group, dict) and _number(group.get("lr"))
+                                             and isinstance(group.get("params"), list)
+                                             and all(_whole(index) for index in group["params"]) for group in groups)
+            and isinstance(scalars, dict)
+            and all(key.isdigit() and isinstance(values, dict) for key, values in scalars.items()))
+
+
+def _scheduler_info(value: object) -> bool:
+    return (isinstance(value, dict) and _whole(value.get("last_epoch"), -1)
+            and isinstance(value.get("base_lrs"), list) and all(_number(lr) for lr in value["base_lrs"]))
+
+
+def _words(value: object, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_whole(word, 0, 2**32) for word in value)
+
+
+def _rng_info(value: object) -> bool:
+    """Random states by process rank, in the form ``rng_to_state`` writes and ``restore_rng`` reads."""
+    def one(state: object) -> bool:
+        if not isinstance(state, dict):
+            return False
+        numpy, python = state.get("numpy"), state.get("python")
+        return (_whole(state.get("cuda_devices"))
+                and isinstance(numpy, list) and len(numpy) == 5 and numpy[0] == "MT19937"
+                and _words(numpy[1], _MT_WORDS) and _whole(numpy[2], 0, _MT_WORDS + 1) and _whole(numpy[3], 0, 2)
+                and _number(numpy[4])
+                and isinstance(python, list) and len(python) == 3 and _whole(python[0])
+                and _words(python[1], _MT_WORDS + 1) and python[1][-1] <= _MT_WORDS
+                and (python[2] is None or _number(python[2])))
+
+    return isinstance(value, dict) and all(key.isdigit() and one(state) for key, state in value.items())
+
+
+#: What a resumed run reads from training_state.json: each field, what it must be, and a test of that.
+RESUME_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "step": ("a whole number >= 0", _whole),
+    "samples_seen": ("a whole number >= 0", _whole),
+    "seconds": ("a number >= 0", lambda value: _number(value) and value >= 0),
+    "seed": ("a whole number in [0, 2**32)", lambda value: _whole(value, 0, 2**32)),
+    "world_size": ("a whole number >= 1", lambda value: _whole(value, 1)),
+    "optimizer": ("an object of param_groups and scalars", _optimizer_info),
+    "lr_scheduler": ("an object with last_epoch and base_lrs", _scheduler_info),
+    "grad_scaler": ("an object or null", lambda value: value is None or isinstance(value, dict)),
+    "rng": ("an object of random states by process", _rng_info),
+}
+
+
+def _info_problem(info: dict[str, Any]) -> str | None:
+    for name, (expected, valid) in RESUME_FIELDS.items():
+        if name not in info:
+            return f"{STATE_INFO} has no '{name}'"
+        if not valid(info[name]):
+            return f"{STATE_INFO}: '{name}' is not {expected}"
+    return None
+
+
+def _tensors_problem(state: TrainingState) -> str | None:
+    """Tensors the info promises: each process's random states, and optimizer state under its parameter index."""
+    for rank, rng in state.info["rng"].items():
+        cuda = [f"rng.{rank}.cuda.{device}" for device in range(rng["cuda_devices"])]
+        for name in (f"rng.{rank}.generator", f"rng.{rank}.torch", *cuda):
+            if name not in state.tensors or state.tensors[name].dtype != torch.uint8:
+                return f"{STATE_TENSORS} has no random state '{name}'"
+    odd = next((name for name in state.tensors
+                if name.startswith("optimizer.") and not _OPTIMIZER_TENSOR.fullmatch(name)), None)
+    return None if odd is None else f"{STATE_TENSORS} holds a tensor {odd[:100]!r} that is no optimizer state"
+
+
+def _weights_problem(folder: Path, info: dict[str, Any]) -> str | None:
+    """The files save_weights() wrote, as training_state.json lists them (checkpoints from before the list
+    existed are not checked): each present, and a safetensors file whole."""
+    files = info.get(WEIGHTS_FILES, [])
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return f"{STATE_INFO}: '{WEIGHTS_FILES}' is not a list of file names"
+    for name in files:
+        path = folder / name
+        if "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+            return f"its weights file {name[:100]!r} is missing"
+        if path.suffix == ".safetensors":
+            try:
+                lora_io.safetensors_header(path)
+            except ValueError as error:
+                return str(error)
+    return None
+
+
+def flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into tensors and JSON values."""
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for index, values in state_dict["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -100,7 +267,7 @@ def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         index, key = name.split(".", 1)
@@ -126,9 +293,11 @@ def rng_to_state(rank: int, rng: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     tensors.update({f"{rank}.cuda.{device}": state for device, state in enumerate(rng["cuda"])})
     name, keys, position, has_gauss, cached_gauss = rng["numpy"]
     version, python_state, python_gauss = rng["python"]
-    info = {"cuda_devices": len(rng["cuda"]),
-            "numpy": [name, keys.tolist(), position, has_gauss, cached_gauss],
-            "python": [version, list(python_state), python_gauss]}
+    info = {
+        "cuda_devices": len(rng["cuda"]),
+        "numpy": [name, keys.tolist(), position, has_gauss, cached_gauss],
+        "python": [version, list(python_state), python_gauss],
+    }
     return tensors, info
 
 

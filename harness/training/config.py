@@ -1,38 +1,28 @@
-"""Typed trainer settings, and the command-line options generated from them.
+"""Typed trainer settings: the options every trainer shares, and the base class of a trainer's own.
 
 A trainer declares its settings as a dataclass that extends :class:`TrainConfig`; each field made with
-:func:`setting` carries its help text and constraints. ``harness train`` turns every field into one click
-option with both spellings (``--max_steps`` and ``--max-steps``), so trainers never parse flags and every
-trainer follows the same rules. Python callers build the dataclass directly.
+:func:`harness.options.setting` carries its help text and constraints. ``harness train`` turns every field into
+one click option with both spellings (``--max_steps`` and ``--max-steps``) through
+:func:`harness.options.click_options`, the mechanism ``harness bench`` and the samplers use too, so trainers
+never parse flags and every command follows the same rules. Python callers build the dataclass directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from harness.errors import HarnessError
+
+# Also imported from here by trainer configs: ``from harness.training.config import TrainConfig, setting``.
+from harness.options import setting as setting  # the redundant alias marks it as re-exported
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 # diffusers.optimization.get_scheduler names that need no extra arguments.
 LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # The experiment trackers harness sets up (folders, images, config), as diffusers' --report_to names them.
 REPORT_TO_CHOICES = ("none", "tensorboard", "wandb", "mlflow", "all")
-
-
-def setting(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
-            minimum: float | None = None) -> Any:
-    """A config field with what its command-line option needs.
-
-    ``aliases`` are extra names, spelt both ways like the field's (``grad_accum``); ``choices`` limit a
-    string; ``minimum`` bounds a number. A ``tuple[...]`` field takes several values after one flag
-    (``--student_steps 2 4 8``).
-    """
-    metadata = {"help": help, "aliases": aliases, "choices": choices, "minimum": minimum}
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -42,16 +32,16 @@ class TrainConfig:
     Defaults and spellings follow the seed's ``train_student_lora.py``.
     """
 
-    model: Optional[str] = setting(
+    model: str | None = setting(
         None, "sd15, embedded, a hub id or a diffusers folder (default: sd15 with CUDA, else embedded).")
-    dataset_name: Optional[str] = setting(
+    dataset_name: str | None = setting(
         None, "Hugging Face dataset with images and captions, e.g. lambdalabs/naruto-blip-captions.")
-    data_dir: Optional[str] = setting(
+    data_dir: str | None = setting(
         None, "Local folder: images/*.png + captions/*.txt, *.png beside *.txt, or images + metadata.jsonl.")
-    image_column: Optional[str] = setting(None, "Dataset column with the images (default: detected).")
-    caption_column: Optional[str] = setting(None, "Dataset column with the captions (default: detected).")
-    max_train_samples: Optional[int] = setting(None, "Use only the first N examples.", minimum=1)
-    resolution: Optional[int] = setting(
+    image_column: str | None = setting(None, "Dataset column with the images (default: detected).")
+    caption_column: str | None = setting(None, "Dataset column with the captions (default: detected).")
+    max_train_samples: int | None = setting(None, "Use only the first N examples.", minimum=1)
+    resolution: int | None = setting(
         None, "Training size in pixels; images are resized and centre-cropped to it "
               "(default: the model's native size: 512 for SD 1.5, 64 for embedded).", minimum=8)
     cache_latents: bool = setting(False, "Encode every image with the VAE once, before training.")
@@ -68,15 +58,15 @@ class TrainConfig:
                                 choices=LR_SCHEDULER_CHOICES)
     lr_warmup_steps: int = setting(0, "Steps of linear warmup at the start of the schedule.", minimum=0)
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0: no clipping).", minimum=0)
-    mixed_precision: Optional[str] = setting(
+    mixed_precision: str | None = setting(
         None, "Mixed precision (default: fp16 on CUDA, no elsewhere; always no on CPU).",
         choices=MIXED_PRECISION_CHOICES)
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory.")
-    seed: Optional[int] = setting(None, "Random seed; the same seed and data give the same weights "
+    seed: int | None = setting(None, "Random seed; the same seed and data give the same weights "
                                         "(default: a random seed, written to config.json).")
     checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.", minimum=1)
-    checkpoints_total_limit: Optional[int] = setting(None, "Keep only the newest N checkpoints.", minimum=1)
-    resume_from_checkpoint: Optional[str] = setting(
+    checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", minimum=1)
+    resume_from_checkpoint: str | None = setting(
         None, "Continue from 'latest' (the newest checkpoint of this run) or a checkpoint folder.")
     validation_prompts: tuple[str, ...] = setting(
         (), "Prompts for validation grids (several after one flag; none: no validation).")
@@ -84,35 +74,19 @@ class TrainConfig:
     report_to: str = setting(
         "none", "Also log loss, learning rate, seconds per step, validation grids and the config to a tracker "
                 "(all: each of them that is installed); local files go to RUN/trackers.", choices=REPORT_TO_CHOICES)
-    tracker_project_name: Optional[str] = setting(
+    tracker_project_name: str | None = setting(
         None, "wandb project / mlflow experiment that --report_to logs the run into (default: the run name).")
 
     def check(self) -> None:
         """Refuse contradictory settings with one line that says what to pass instead."""
         if (self.dataset_name is None) == (self.data_dir is None):
-            raise HarnessError("pass exactly one of --dataset_name (a Hugging Face dataset) or --data_dir (a local folder).")
+            raise HarnessError(
+                "pass exactly one of --dataset_name (a Hugging Face dataset) or --data_dir (a local folder)."
+            )
         if self.resolution is not None and self.resolution % 8:
-            raise HarnessError(f"--resolution {self.resolution} is not a multiple of 8; pick e.g. {self.resolution // 8 * 8 or 8}.")
+            raise HarnessError(
+                f"--resolution {self.resolution} is not a multiple of 8; pick e.g. {self.resolution // 8 * 8 or 8}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def field_specs(config_class: type) -> list[tuple[dataclasses.Field, type, bool]]:
-    """(field, value type, takes several values) for each field of a config class, in declaration order."""
-    hints = typing.get_type_hints(config_class)
-    specs = []
-    for field in dataclasses.fields(config_class):
-        kind, many = _value_type(hints[field.name])
-        specs.append((field, kind, many))
-    return specs
-
-
-def _value_type(hint: Any) -> tuple[type, bool]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        return args[0], True
-    if origin in (typing.Union, getattr(types, "UnionType", None)):  # Optional[X], X | None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _value_type(inner)
-    return hint, False

@@ -7,21 +7,28 @@ Local folders come in three layouts (the seed's two, plus the ``imagefolder`` on
 - images with a ``metadata.jsonl`` whose lines hold ``file_name`` and a caption field.
 
 Every image is converted to RGB, resized so that its shorter side is the training resolution, and
-centre-cropped to a square.
+centre-cropped to a square. What cannot be used - a metadata line that is not valid, a caption file that is not
+UTF-8, an image that does not open or is larger than Pillow's decompression-bomb limit - is left out and counted
+in ``Examples.skipped``, one line per kind.
 """
 
 from __future__ import annotations
 
 import json
+import stat
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, RecordError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Tried in this order when --image_column / --caption_column are not given.
@@ -30,6 +37,8 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "sentence", "descrip
 METADATA_FILE = "metadata.jsonl"
 # Datasets the seed names that have left the hub, and what to use instead.
 REPLACED_DATASETS = {"lambdalabs/pokemon-blip-captions": "lambdalabs/naruto-blip-captions"}
+# What Pillow raises for a damaged or hostile image file, besides the decompression-bomb guard.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
 
 @dataclass
@@ -56,6 +65,7 @@ def find_examples(dataset_name: str | None, data_dir: str | None, image_column: 
     if dataset_name is not None:
         examples = _hub_examples(dataset_name, image_column, caption_column)
     else:
+        assert data_dir is not None, "pass dataset_name or data_dir"  # TrainConfig.check() asks for one
         examples = _local_examples(Path(data_dir).expanduser(), caption_column)
     if not len(examples):
         raise HarnessError(f"{examples.source} holds no examples; check the dataset or folder.")
@@ -112,10 +122,12 @@ def _caption_text(value) -> str:
 
 def _local_examples(folder: Path, caption_column: str | None) -> Examples:
     if not folder.is_dir():
-        raise HarnessError(f"--data_dir '{folder}' is not a folder; pass the folder that holds your images and captions.")
+        raise HarnessError(
+            f"--data_dir '{folder}' is not a folder; pass the folder that holds your images and captions."
+        )
     skipped: list[str] = []
     if (folder / METADATA_FILE).is_file():
-        pairs = _metadata_pairs(folder, caption_column)
+        pairs = _metadata_pairs(folder, caption_column, skipped)
     elif (folder / "images").is_dir() and (folder / "captions").is_dir():
         pairs = _caption_file_pairs(_images_in(folder / "images"), folder / "captions", skipped)
     else:
@@ -128,8 +140,9 @@ def _local_examples(folder: Path, caption_column: str | None) -> Examples:
             f"captions/*.txt, *.png beside *.txt, or images with a {METADATA_FILE}."
         )
     paths = [path for path, _ in pairs]
-    return Examples(f"folder '{folder}'", [caption for _, caption in pairs], lambda index: Image.open(paths[index]),
-                    skipped)
+    return Examples(
+        f"folder '{folder}'", [caption for _, caption in pairs], lambda index: Image.open(paths[index]), skipped
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -138,56 +151,137 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _caption_file_pairs(images: list[Path], caption_folder: Path, skipped: list[str]) -> list[tuple[Path, str]]:
     """Images with their ``NAME.txt`` captions; images without one and captions without an image are counted."""
-    pairs, uncaptioned = [], []
+    pairs, uncaptioned, unreadable = [], [], []
     for image in images:
         caption_file = caption_folder / f"{image.stem}.txt"
-        if caption_file.is_file():
-            pairs.append((image, caption_file.read_text(encoding="utf-8", errors="replace").strip()))
-        else:
+        if not caption_file.is_file():
             uncaptioned.append(image)
+            continue
+        try:
+            pairs.append((image, caption_file.read_text(encoding="utf-8").strip()))
+        except (OSError, UnicodeDecodeError):  # a caption read with replacement characters would train on noise
+            unreadable.append(caption_file)
     image_stems = {image.stem for image in images}
     orphans = [c for c in sorted(caption_folder.glob("*.txt")) if c.stem not in image_stems]
     if uncaptioned:
         skipped.append(f"{len(uncaptioned)} image(s) without a caption file, e.g. '{uncaptioned[0]}'")
     if orphans:
         skipped.append(f"{len(orphans)} caption(s) without an image, e.g. '{orphans[0]}'")
+    if unreadable:
+        skipped.append(f"{len(unreadable)} caption file(s) that are not UTF-8 text, e.g. '{unreadable[0]}'")
     return pairs
 
 
 def _readable(pairs: list[tuple[Path, str]], skipped: list[str]) -> list[tuple[Path, str]]:
-    """The pairs whose image file opens as an image; the others are counted in ``skipped``."""
-    readable, broken = [], []
+    """The pairs whose image file opens as an image of a size Pillow decodes; the others are counted in ``skipped``.
+
+    Checked here, not when a batch needs the image, so a bad file is left out and counted instead of stopping
+    the run. ``Image.open`` reads the header only: a decompression bomb is caught before its pixels are decoded.
+    """
+    readable, broken, huge = [], [], []
     for path, caption in pairs:
         try:
-            with Image.open(path) as image:
+            with _bomb_guard(), Image.open(path) as image:
                 image.verify()
             readable.append((path, caption))
-        except (OSError, SyntaxError, ValueError):  # PIL reports damaged files with any of these
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            huge.append(path)
+        except IMAGE_ERRORS:
             broken.append(path)
     if broken:
         skipped.append(f"{len(broken)} unreadable image(s), e.g. '{broken[0]}'")
+    if huge:
+        skipped.append(f"{len(huge)} unreadable image(s) larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                       f"pixels (a guard against decompression bombs), e.g. '{huge[0]}'")
     return readable
 
 
-def _metadata_pairs(folder: Path, caption_column: str | None) -> list[tuple[Path, str]]:
+@contextmanager
+def _bomb_guard() -> Iterator[None]:
+    """Pillow only warns between 1x and 2x its pixel limit; inside this block that warning is raised, so such an
+    image is refused like one above 2x, without changing Pillow's global limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _metadata_pairs(folder: Path, caption_column: str | None, skipped: list[str]) -> list[tuple[Path, str]]:
+    """The image and caption of every usable line of ``metadata.jsonl``.
+
+    A line that is not usable (not UTF-8, not a JSON object, no file name or caption string, a file outside the
+    data folder or missing) is named as ``line N of FILE: what is wrong`` and counted in ``skipped``: one bad line
+    of a large data set should not stop a run, and the notice says where to look.
+    """
     metadata = folder / METADATA_FILE
-    pairs = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    try:
+        data = metadata.read_bytes()
+    except OSError as error:
+        raise HarnessError(f"cannot read '{metadata}': {error.strerror or error}; check its permissions.") from None
+    pairs, problems = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-            column = caption_column or next(c for c in CAPTION_COLUMNS if c in row)
-            pairs.append((folder / row["file_name"], _caption_text(row[column])))
-        except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
-            raise HarnessError(
-                f"{metadata} line {number} is not a JSON object with 'file_name' and a caption field "
-                f"({caption_column or ', '.join(CAPTION_COLUMNS)}); fix the line or pass --caption_column."
-            ) from None
-    missing = [path for path, _ in pairs if not path.is_file()]
-    if missing:
-        raise HarnessError(f"{METADATA_FILE} names {len(missing)} missing image(s), e.g. '{missing[0]}'.")
+            pairs.append(_metadata_line(folder, raw, caption_column))
+        except RecordError as error:
+            problems.append(f"line {number} of {metadata}: {error.message}")
+    if problems:
+        skipped.append(f"{len(problems)} unusable line(s) of {METADATA_FILE}, e.g. {problems[0]}")
     return pairs
+
+
+def _metadata_line(folder: Path, raw: bytes, caption_column: str | None) -> tuple[Path, str]:
+    """One line of ``metadata.jsonl`` as (image, caption); RecordError says what is wrong with it."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RecordError("not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise RecordError("not JSON") from None
+    if not isinstance(row, dict):
+        raise RecordError("not a JSON object")
+    return _metadata_image(folder, row.get("file_name")), _metadata_caption(row, caption_column)
+
+
+def _metadata_image(folder: Path, name: object) -> Path:
+    if name is None:
+        raise RecordError("no 'file_name' field")
+    if not isinstance(name, str):
+        raise RecordError("'file_name' is not a string")
+    relative = Path(name)
+    if not name.strip() or "\0" in name:
+        raise RecordError(f"'file_name' {_shown(name)} is not a file name")
+    # Only files inside the data folder: a shared metadata file must not make training read elsewhere.
+    if relative.is_absolute() or relative.anchor or ".." in relative.parts:
+        raise RecordError(f"'file_name' {_shown(name)} lies outside the data folder (an absolute path or '..')")
+    path = folder / relative
+    try:
+        is_file = stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # missing, or a name the file system refuses (too long, ...)
+        is_file = False
+    if not is_file:
+        raise RecordError(f"'file_name' {_shown(name)} is not a file in the data folder")
+    return path
+
+
+def _shown(name: str) -> str:
+    """A file name as a notice quotes it: escaped to one line, and cut short, as a hostile one may be huge."""
+    text = repr(name)
+    return text if len(text) <= 100 else text[:96] + "...'"
+
+
+def _metadata_caption(row: dict[str, Any], caption_column: str | None) -> str:
+    column = caption_column or next((c for c in CAPTION_COLUMNS if c in row), None)
+    if column is None or column not in row:
+        wanted = f"'{caption_column}'" if caption_column else ", ".join(CAPTION_COLUMNS)
+        raise RecordError(f"no caption field ({wanted})")
+    caption = row[column]
+    # Several captions per image are allowed, as in Hugging Face datasets; the first one is used.
+    if isinstance(caption, list) and all(isinstance(item, str) for item in caption):
+        caption = caption[0] if caption else ""
+    if not isinstance(caption, str):
+        raise RecordError(f"'{column}' is not a string")
+    return caption.strip()
 
 
 def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -195,7 +289,7 @@ def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
     image = image.convert("RGB")
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.BICUBIC)
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - resolution) // 2, (height - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
 
@@ -206,7 +300,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
+class ImageCaptionDataset(torch.utils.data.Dataset[dict[str, Any]]):
     """Items ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}``, decoded on access."""
 
     def __init__(self, examples: Examples, resolution: int):
@@ -216,14 +310,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # Decoding happens here, so damage the header check could not see (a truncated JPEG, a hub dataset's
+        # image) ends in one line rather than a traceback from inside the data loader.
         try:
-            image = self.examples.read_image(index)
-        except OSError as error:
-            raise HarnessError(f"cannot read image {index} of {self.examples.source}: {error}; "
-                               "remove or replace the file.") from None
-        return {"pixel_values": to_pixels(centre_crop(image, self.resolution)),
-                "caption": self.examples.captions[index]}
+            with _bomb_guard():
+                pixels = to_pixels(centre_crop(self.examples.read_image(index), self.resolution))
+        except (*IMAGE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise HarnessError(
+                f"cannot read image {index} of {self.examples.source}: {one_line(error).rstrip('.')}; remove or "
+                "replace the file."
+            ) from None
+        return {"pixel_values": pixels, "caption": self.examples.captions[index]}
 
 
 class StreamBatchSampler:
@@ -238,7 +336,8 @@ class StreamBatchSampler:
     def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start, self.rank, self.world_size = start, rank, world_size
-        self._epoch, self._epoch_order = -1, []
+        self._epoch = -1
+        self._epoch_order: list[int] = []
 
     @property
     def global_batch(self) -> int:

@@ -10,13 +10,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from harness import models
 from harness.training.trainer import Trainer
+
+if TYPE_CHECKING:
+    # The defining module, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 #: The end of every solver path: the clean latent (alpha 1, sigma 0), "timestep -1".
 CLEAN = -1
@@ -73,7 +78,7 @@ class NoiseSchedule:
         return alpha_next * self.to_clean(output, x_t, t) + sigma_next * self.to_noise(output, x_t, t)
 
 
-class EncodedDataset(torch.utils.data.Dataset):
+class EncodedDataset(torch.utils.data.Dataset[dict[str, Any]]):
     """Items ``{"latent_params": VAE posterior mean and log-variance, "caption": str}``."""
 
     def __init__(self, latent_params: torch.Tensor, captions: Sequence[str]):
@@ -82,14 +87,14 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return {"latent_params": self.latent_params[index], "caption": self.captions[index]}
 
 
 class LatentDiffusionTrainer(Trainer):
     """A trainer of an SD-architecture pipeline (VAE + CLIP text encoder + UNet2DConditionModel)."""
 
-    def load_pipeline(self):
+    def load_pipeline(self) -> StableDiffusionPipeline:
         """Load the --model pipeline frozen on this process's device; set the resolution and schedule."""
         spec = models.resolve_model(self.config.model or models.default_model_name(self.device))
         if spec.notice:
@@ -107,7 +112,7 @@ class LatentDiffusionTrainer(Trainer):
             self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return pipe
 
-    def resolved_settings(self) -> dict:
+    def resolved_settings(self) -> dict[str, Any]:
         return {"model": self.model_spec.name, "model_location": self.model_spec.location,
                 "prediction_type": self.schedule.prediction_type}
 
@@ -125,7 +130,7 @@ class LatentDiffusionTrainer(Trainer):
                 captions += batch["caption"]
         return EncodedDataset(torch.cat(params), captions)
 
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of the batch's images, drawn from the VAE posterior (cached or encoded now)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -150,7 +155,7 @@ class LatentDiffusionTrainer(Trainer):
 
         CPU generators, as harness's samplers use, so the starting noise matches ``harness bench``.
         """
-        from diffusers import StableDiffusionPipeline
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(**{**self.pipe.components, "scheduler": scheduler},
                                        requires_safety_checker=False)

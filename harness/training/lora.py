@@ -7,10 +7,11 @@ base model is the same UNet with the LoRA switched off, so a teacher costs no se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -18,6 +19,11 @@ from harness import lora_io, models
 from harness.errors import HarnessError
 from harness.training.config import TrainConfig, setting
 from harness.training.diffusion import CLEAN, LatentDiffusionTrainer
+
+if TYPE_CHECKING:
+    # The defining modules, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -29,10 +35,13 @@ class LoraTrainConfig(TrainConfig):
     lora_rank: int = setting(4, "LoRA rank.", minimum=1)
     lora_alpha: int = setting(32, "LoRA alpha; the LoRA acts at scale alpha / rank.", minimum=1)
     lora_target_modules: tuple[str, ...] = setting(
-        DEFAULT_TARGET_MODULES, "UNet modules that get a LoRA (several after one flag; default: attention projections).")
-    lora_path: Optional[str] = setting(
-        None, "Start the student from this LoRA (folder or .safetensors, diffusers or PEFT format); "
-              "its rank, alpha and target modules replace --lora_rank, --lora_alpha, --lora_target_modules.")
+        DEFAULT_TARGET_MODULES, "UNet modules that get a LoRA (several after one flag; default: attention projections)."
+    )
+    lora_path: str | None = setting(
+        None,
+        "Start the student from this LoRA (folder or .safetensors, diffusers or PEFT format); "
+        "its rank, alpha and target modules replace --lora_rank, --lora_alpha, --lora_target_modules.",
+    )
 
 
 class LoraTrainer(LatentDiffusionTrainer):
@@ -40,16 +49,21 @@ class LoraTrainer(LatentDiffusionTrainer):
 
     config_class = LoraTrainConfig
     weights_folder = "lora"
+    config: LoraTrainConfig
 
     def setup(self) -> torch.nn.Module:
         pipe = self.load_pipeline()
         unet = pipe.unet
         if self.config.lora_path:
-            models.load_lora(pipe, models.resolve_lora(self.config.lora_path, None), fuse=False)
+            source = models.resolve_lora(self.config.lora_path, None)
+            assert source is not None  # a --lora_path resolves to a source or raises
+            models.load_lora(pipe, source, fuse=False)
             adapters = list(getattr(unet, "peft_config", {}))
             if len(adapters) != 1:
-                raise HarnessError(f"--lora_path '{self.config.lora_path}' holds no UNet LoRA to start the student "
-                                   "from; pass a LoRA trained for this model's UNet (e.g. .../lora/final).")
+                raise HarnessError(
+                    f"--lora_path '{self.config.lora_path}' holds no UNet LoRA to start the student "
+                    "from; pass a LoRA trained for this model's UNet (e.g. .../lora/final)."
+                )
             self.adapter_name = adapters[0]
             for name, parameter in unet.named_parameters():
                 parameter.requires_grad_("lora_" in name)
@@ -58,35 +72,42 @@ class LoraTrainer(LatentDiffusionTrainer):
 
             self.adapter_name = "default"
             # Gaussian A and zero B: the student starts exactly at the base model.
-            config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
-                                init_lora_weights="gaussian", target_modules=list(self.config.lora_target_modules))
+            config = LoraConfig(
+                r=self.config.lora_rank,
+                lora_alpha=self.config.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(self.config.lora_target_modules),
+            )
             try:
                 unet.add_adapter(config, adapter_name=self.adapter_name)
             except ValueError as error:
-                raise HarnessError(f"--lora_target_modules {' '.join(self.config.lora_target_modules)}: {error}") from None
+                raise HarnessError(
+                    f"--lora_target_modules {' '.join(self.config.lora_target_modules)}: {error}"
+                ) from None
         unet.train()
         # The empty prompt's states: the unconditional half of every guided teacher call.
         self.unconditional = self.encode_prompts([""])
         return unet
 
     def save_weights(self, folder: Path) -> None:
-        lora_io.save_diffusers_lora(self.unwrapped_model, folder, self.adapter_name)
+        unet = cast("UNet2DConditionModel", self.unwrapped_model)  # setup() returned the UNet
+        lora_io.save_diffusers_lora(unet, folder, self.adapter_name)
 
-    def resolved_settings(self) -> dict:
+    def resolved_settings(self) -> dict[str, Any]:
         lora = lora_io.adapter_metadata(self.pipe.unet.peft_config[self.adapter_name].to_dict())
         return {**super().resolved_settings(), "lora": lora}
 
     @contextmanager
     def base_model(self) -> Iterator[torch.nn.Module]:
         """The UNet with its LoRA switched off (the frozen base model), for passes without gradients."""
-        unet = self.unwrapped_model
+        unet = cast("UNet2DConditionModel", self.unwrapped_model)  # setup() returned the UNet
         unet.disable_adapters()
         try:
             yield unet
         finally:
             unet.enable_adapters()
 
-    def student_scheduler(self):
+    def student_scheduler(self) -> LCMScheduler:
         """The scheduler local-student samples the LoRA with: LCMScheduler, trailing timesteps."""
         return models.few_step_scheduler(self.scheduler_config)
 
@@ -99,8 +120,9 @@ class LoraTrainer(LatentDiffusionTrainer):
             raise HarnessError(f"a {steps}-step student schedule: {error}") from None
         return [int(t) for t in scheduler.timesteps] + [CLEAN]
 
-    def teacher_outputs(self, teacher, x: torch.Tensor, t: torch.Tensor,
-                        conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_outputs(
+        self, teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's unconditional and conditional outputs at (x, t), from ONE batched UNet call.
 
         ``t`` is one timestep per sample; trainers that guide call this under ``torch.no_grad``.

@@ -1,26 +1,37 @@
 """The training loop every trainer plugin shares.
 
-A trainer plugin subclasses :class:`Trainer` (for a LoRA student, through ``harness.training.LoraTrainer``)
-and supplies four things:
+A trainer plugin subclasses :class:`Trainer` (for a LoRA student, through ``harness.training.LoraTrainer``),
+sets ``name``, ``description`` and ``config_class`` (a dataclass extending ``TrainConfig``), and implements
+the three abstract methods:
 
 - ``setup()``: load the models and return the module whose ``requires_grad`` parameters train;
 - ``compute_loss(batch, generator)``: the loss of one micro-batch, drawing all randomness from ``generator``;
-- ``save_weights(folder)``: the inference artifact written into every checkpoint and into ``final/``;
-- optionally ``prepare_data(dataset)``, ``validation_rows(prompts, seed)`` and ``resolved_settings()``;
-- optionally state of its own that changes as it trains (e.g. lcm's EMA target weights): ``after_optimizer_step()``
+- ``save_weights(folder)``: the inference artifact written into every checkpoint and into ``final/``.
+
+The registry refuses a class that lacks one of them. Optional hooks, each with a default that does nothing:
+
+- ``prepare_data(dataset)``, ``validation_rows(prompts, seed)`` and ``resolved_settings()``;
+- state of its own that changes as it trains (e.g. lcm's EMA target weights): ``after_optimizer_step()``
   runs after every optimizer step, ``extra_state()`` returns the tensors a checkpoint stores for it and
   ``load_extra_state(tensors)`` takes them back when a run resumes, so a resumed run ends as the
-  uninterrupted one does.
+  uninterrupted one does;
+- ``on_step_end(report)``: runs on the main process after each optimizer step has been logged, before that
+  step's checkpoint and validation, e.g. for an evaluation of the trainer's own (pretrain's fidelity judge),
+  which it can send to the trackers with ``log_metrics``.
+
+Trainers override these public methods only; the underscore methods are the loop's own.
 
 The base class owns everything else, once for all trainers: accelerate (devices, processes, mixed precision,
 gradient accumulation), the data order, AdamW and the learning-rate schedule, gradient clipping, atomic
 and resumable checkpoints, ``train_log.jsonl``, ``config.json``, validation grids and the experiment trackers
 of ``--report_to`` (accelerate's: loss, learning rate, seconds per step, validation grids and the config,
-under ``RUN/trackers``). Only the main process writes files.
+under ``RUN/trackers``). Only the main process writes files, and it holds the run folder's lock for the whole run;
+``--overwrite`` moves an earlier run aside and deletes it only once the new run is about to take its first step.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -28,9 +39,11 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -38,15 +51,23 @@ from PIL import Image
 
 from harness import records, report
 from harness.errors import HarnessError, one_line
+from harness.rundir import FolderLock, Replacement
 from harness.training import checkpoints
-from harness.training.checkpoints import TrainingState
+from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.config import TrainConfig
 from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_examples
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "train_log.jsonl"
 VALIDATION_FOLDER = "validation"
 TRACKERS_FOLDER = "trackers"
+#: The options that name a run folder, for the line that refuses a second run in it.
+RUN_FOLDER_OPTION = "--output_dir/--run_name"
+# Signs of a failed CPU allocation in torch's RuntimeError (Linux and Windows wording).
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
 #: What installs each tracker of --report_to, for the error that says it is missing.
 TRACKER_INSTALL = {
     "tensorboard": 'pip install "harness[train]" (or pip install tensorboard)',
@@ -85,7 +106,7 @@ def resolve_report_to(report_to: str) -> list[str]:
     return [report_to]
 
 
-def flat_config(document: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+def flat_config(document: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
     """config.json as one level of dotted keys: tensorboard's hparams take only bool, int, float and str, and
     mlflow's params only flat names, so lists and None become JSON text."""
     flat: dict[str, bool | int | float | str] = {}
@@ -113,6 +134,34 @@ def _remove_new_files(folder: Path, existing: set[Path], created: Path | None) -
             path.unlink(missing_ok=True)
 
 
+def _remove_empty_folders(folder: Path, outermost: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``outermost`` (the first one this run created) while they are empty:
+    a run that wrote nothing leaves no empty run folder behind, and one that wrote something keeps it."""
+    if outermost is None:
+        return
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or already gone
+            return
+        if path == outermost:
+            return
+
+
+def _logged_step(line: bytes) -> int | None:
+    """The step of one train_log.jsonl line; None for a line that is not one (torn by a kill, or damaged)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _cpu_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or any(sign in str(error) for sign in CPU_OUT_OF_MEMORY)
+
+
 def _mlflow_server() -> bool:
     """Whether the user points mlflow at a store of their own; else harness keeps its runs in RUN/trackers."""
     return "MLFLOW_TRACKING_URI" in os.environ
@@ -137,7 +186,7 @@ class StepReport:
     seconds: float  # training time since the run began, across resumes
     step_seconds: float  # of this step: from the previous report (or the loop's start) to this one
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, "lr": self.lr, "seconds": round(self.seconds, 3)}
 
 
@@ -161,7 +210,7 @@ class RunState:
     progress: Progress
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """Base class of trainer plugins; see the module docstring for what a subclass supplies."""
 
     name: ClassVar[str] = ""
@@ -173,41 +222,44 @@ class Trainer:
     def __init__(self, config: TrainConfig, plugin_manager=None,
                  on_step: Callable[[StepReport], None] | None = None,
                  notify: Callable[[str], None] | None = None):
+        """``on_step`` watches every step's report from outside (the CLI's progress bar; subclasses override
+        ``on_step_end`` instead); ``notify`` shows the user a message (default: print to stderr)."""
         config.check()
         self.config = config
         self.plugin_manager = plugin_manager
         self.on_step = on_step or (lambda report: None)
         self._notify = notify or (lambda message: print(message, file=sys.stderr))
+        self._accelerator: Accelerator | None = None  # train() starts it
         self.resolution = config.resolution  # setup() fills it in when the model decides it
         self.tracker_names = resolve_report_to(config.report_to)
 
     # ----- what a trainer supplies -----
 
+    @abc.abstractmethod
     def setup(self) -> torch.nn.Module:
         """Load models onto ``self.device`` in ``self.weight_dtype``; return the module to train."""
-        raise NotImplementedError
 
-    def prepare_data(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    def prepare_data(self, dataset: torch.utils.data.Dataset[Any]) -> torch.utils.data.Dataset[Any]:
         """Change the training data once before the loop (e.g. pre-encode it). Default: as it is."""
         return dataset
 
-    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    @abc.abstractmethod
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The scalar loss of one micro-batch; call ``self.model`` for every forward that needs gradients.
 
         ``batch["caption"]`` is a list of strings; ``batch["pixel_values"]`` is (B, 3, R, R) in [-1, 1] on
         ``self.device``, unless ``prepare_data`` replaced the dataset with one of other items.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save_weights(self, folder: Path) -> None:
         """Write what inference loads (e.g. ``pytorch_lora_weights.safetensors``) into ``folder``."""
-        raise NotImplementedError
 
     def validation_rows(self, prompts: Sequence[str], seed: int) -> list[tuple[str, list[Image.Image]]]:
         """Labelled rows of images (one per prompt) for a validation grid. Default: none."""
         return []
 
-    def resolved_settings(self) -> dict:
+    def resolved_settings(self) -> dict[str, Any]:
         """Settings the trainer decided at setup, recorded in config.json."""
         return {}
 
@@ -227,6 +279,10 @@ class Trainer:
             raise HarnessError(f"the checkpoint holds trainer state this run does not use (e.g. "
                                f"'{sorted(tensors)[0]}'); resume with the settings it was trained with.")
 
+    def on_step_end(self, report: StepReport) -> None:
+        """Called on the main process only, after each optimizer step is written to train_log.jsonl and the
+        trackers, before that step's checkpoint and validation grid. Default: nothing."""
+
     def benchmark_command(self, final: Path) -> str:
         """The ``harness bench`` command line that samples what ``final/`` holds (shown after training)."""
         return f"harness bench --sampler local-student --lora_path {final}"
@@ -242,6 +298,13 @@ class Trainer:
         return self.run_dir / self.weights_folder
 
     @property
+    def accelerator(self) -> Accelerator:
+        """accelerate's Accelerator, which :meth:`train` starts."""
+        if self._accelerator is None:
+            raise RuntimeError("the accelerator starts in train(); it is not running yet")
+        return self._accelerator
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -251,7 +314,9 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def notify(self, message: str) -> None:
-        if self.is_main:
+        """Tell the user something once, from the main process. Before train() starts accelerate no process
+        knows whether it is the main one, so every process tells it (e.g. pretrain announcing a stage)."""
+        if self._accelerator is None or self._accelerator.is_main_process:
             self._notify(message)
 
     def train(self) -> Path:
@@ -259,7 +324,7 @@ class Trainer:
         config = self.config
         examples = find_examples(config.dataset_name, config.data_dir, config.image_column,
                                  config.caption_column, config.max_train_samples)
-        self.accelerator = self._make_accelerator()
+        self._accelerator = self._make_accelerator()
         for line in examples.skipped:
             self.notify(f"skipped {line}")
         if config.report_to == "all" and not self.tracker_names:
@@ -268,30 +333,68 @@ class Trainer:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32)
-        resume_folder = self._resume_folder()
-        resumed = TrainingState.load(resume_folder) if resume_folder else None
-        self.seed = self._shared_seed(resumed)
-        run, dataset = self._build(examples)
-        if resumed is not None:
-            self._restore(resumed, resume_folder, run)
-        document = self._config_document(examples, resume_folder) if self.is_main else None
-        # Before config.json is written: a tracker that cannot start leaves the run folder as it was.
-        self._start_trackers(document, run.progress.step)
-        try:
-            self._write_config(document, resume_folder, run.progress)
-            self._train_steps(run, dataset)
-            if self.is_main:
-                records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
-        finally:
-            self._finish_trackers()
+        with self._holding_run_folder() as replacement:
+            resume_folder, resumed = self._resume_state(replacement)
+            self.seed = self._shared_seed(resumed)
+            run, dataset = self._build(examples)
+            if resumed is not None and resume_folder is not None:  # resumed only comes from a folder
+                self._restore(resumed, resume_folder, run)
+            document = self._config_document(examples, resume_folder) if self.is_main else None
+            # Before config.json is written: a tracker that cannot start leaves the run folder as it was.
+            self._start_trackers(document, run.progress.step)
+            try:
+                self._write_config(document, resume_folder, run.progress)
+                replacement.commit()  # the model loaded and the first step is next: the earlier run goes now
+                self._train_steps(run, dataset)
+                if self.is_main:
+                    records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+            finally:
+                self._finish_trackers()
         self.accelerator.wait_for_everyone()
         return self.checkpoint_dir / checkpoints.FINAL
 
-    def _train_steps(self, run: RunState, dataset: torch.utils.data.Dataset) -> None:
+    @contextmanager
+    def _holding_run_folder(self) -> Iterator[Replacement]:
+        """The run folder, locked by the main process for the whole run (a second run into it is refused in one
+        line, in every process), and the Replacement that --overwrite moves an earlier run aside with: put back
+        when the new run ends before its first step, or found left there by such a run that was killed."""
+        from accelerate.utils import broadcast_object_list
+
+        lock = FolderLock(self.run_dir, RUN_FOLDER_OPTION)
+        replacement = Replacement(self.run_dir, (self.weights_folder, VALIDATION_FOLDER, TRACKERS_FOLDER,
+                                                 LOG_FILE, CONFIG_FILE))
+        created = next((path for path in (*reversed(self.run_dir.parents), self.run_dir) if not path.exists()), None)
+        problem = None
+        if self.is_main:
+            try:
+                lock.acquire()
+                if replacement.aside.exists():
+                    replacement.restore()
+                    self.notify(f"Restored the earlier run in '{self.run_dir}' that an interrupted --overwrite run "
+                                "had moved aside.")
+            except HarnessError as error:
+                problem = error.message
+        problem = broadcast_object_list([problem])[0]  # every process waits here until the folder is settled
+        try:
+            if problem is not None:
+                raise HarnessError(problem)
+            yield replacement
+        finally:
+            if replacement.pending:
+                replacement.restore()
+                self.notify(f"The earlier run in '{self.run_dir}' was kept: the new run stopped before its first "
+                            "step.")
+            lock.release()
+            if self.is_main:
+                _remove_empty_folders(self.run_dir, created)
+
+    def _train_steps(self, run: RunState, dataset: torch.utils.data.Dataset[Any]) -> None:
         """The optimizer steps from where ``run`` stands to --max_steps, with logs, checkpoints and validation."""
         config = self.config
-        sampler = StreamBatchSampler(len(dataset), config.batch_size, self.seed, run.progress.samples_seen,
-                                     self.accelerator.process_index, self.accelerator.num_processes)
+        # The batch sampler indexes a map-style dataset, which has a length (torch's Dataset does not declare it).
+        sampler = StreamBatchSampler(len(cast(Sized, dataset)), config.batch_size, self.seed,
+                                     run.progress.samples_seen, self.accelerator.process_index,
+                                     self.accelerator.num_processes)
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler))
         started = time.perf_counter() - run.progress.seconds
         for step in range(run.progress.step + 1, config.max_steps + 1):
@@ -304,10 +407,18 @@ class Trainer:
                     "--gradient_accumulation_steps to keep the effective batch, add --gradient_checkpointing, "
                     "use --resolution 256, or close other GPU applications. "
                     f"{self._last_checkpoint_line()}") from None
+            except (MemoryError, RuntimeError) as error:
+                if not _cpu_out_of_memory(error):
+                    raise
+                raise HarnessError(
+                    f"CPU out of memory at step {step}: reduce --batch_size to 1 and raise "
+                    "--gradient_accumulation_steps to keep the effective batch, add --gradient_checkpointing, "
+                    "use a smaller --resolution, or close other applications. "
+                    f"{self._last_checkpoint_line()}") from None
             if not math.isfinite(loss):
                 # Stop before anything is saved from the broken weights.
-                raise HarnessError(f"the loss became {loss} at step {step}; lower --learning_rate or "
-                                   f"--max_grad_norm, or train with --mixed_precision no. {self._last_checkpoint_line()}")
+                raise HarnessError(f"the loss became {loss} at step {step}; lower --learning_rate or --max_grad_norm, "
+                                   f"or train with --mixed_precision no. {self._last_checkpoint_line()}")
             run.progress.step = step
             run.progress.samples_seen += sampler.global_batch * config.gradient_accumulation_steps
             seconds = time.perf_counter() - started
@@ -324,7 +435,7 @@ class Trainer:
             return "No checkpoint was written yet."
         return f"The last checkpoint, '{latest}', is intact: continue with --resume_from_checkpoint latest."
 
-    def _build(self, examples) -> tuple[RunState, torch.utils.data.Dataset]:
+    def _build(self, examples) -> tuple[RunState, torch.utils.data.Dataset[Any]]:
         """Models (through setup()), data, optimizer and schedule, prepared by accelerate."""
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
@@ -341,8 +452,12 @@ class Trainer:
             raise HarnessError(f"trainer '{self.name}' left nothing to train (no parameter requires grad).")
         dataset = self.prepare_data(ImageCaptionDataset(examples, self.resolution))
         optimizer = torch.optim.AdamW(trainable.values(), lr=self.config.learning_rate)
-        lr_scheduler = get_scheduler(self.config.lr_scheduler, optimizer, num_warmup_steps=self.config.lr_warmup_steps,
-                                     num_training_steps=self.config.max_steps)
+        lr_scheduler = get_scheduler(
+            self.config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=self.config.lr_warmup_steps,
+            num_training_steps=self.config.max_steps,
+        )
         self.model, optimizer = self.accelerator.prepare(module, optimizer)
         generator = torch.Generator(self.device).manual_seed(self.seed + 1_000_003 * self.accelerator.process_index)
         return RunState(trainable, optimizer, lr_scheduler, generator, Progress()), dataset
@@ -351,8 +466,9 @@ class Trainer:
         """One optimizer step over --gradient_accumulation_steps micro-batches; the mean loss of all processes."""
         losses = []
         for _ in range(self.config.gradient_accumulation_steps):
-            batch = {key: value.to(self.device) if torch.is_tensor(value) else value
-                     for key, value in next(batches).items()}
+            batch = {
+                key: value.to(self.device) if torch.is_tensor(value) else value for key, value in next(batches).items()
+            }
             # accumulate() skips the gradient all-reduce and optimizer.step() until the last micro-batch.
             with self.accelerator.accumulate(self.model):
                 with self.accelerator.autocast():
@@ -367,15 +483,18 @@ class Trainer:
         run.lr_scheduler.step()
         return self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
-    def _make_accelerator(self):
+    def _make_accelerator(self) -> Accelerator:
         from accelerate import Accelerator
         from accelerate.utils import parse_flag_from_env
 
         on_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
         requested = self.config.mixed_precision or ("no" if on_cpu else "fp16")
-        accelerator = Accelerator(mixed_precision="no" if on_cpu else requested, cpu=on_cpu,
-                                  gradient_accumulation_steps=self.config.gradient_accumulation_steps,
-                                  log_with=self._make_trackers() or None)
+        accelerator = Accelerator(
+            mixed_precision="no" if on_cpu else requested,
+            cpu=on_cpu,
+            gradient_accumulation_steps=self.config.gradient_accumulation_steps,
+            log_with=self._make_trackers() or None,
+        )
         if on_cpu and requested != "no" and accelerator.is_main_process:
             self._notify(f"--mixed_precision {requested} needs CUDA; training in full precision on the CPU.")
         return accelerator
@@ -386,7 +505,7 @@ class Trainer:
         another run's folder (pretrain's RUN/vae) reports to that run's project."""
         return self.config.tracker_project_name or Path(self.config.run_name).parts[0]
 
-    def _make_trackers(self) -> list:
+    def _make_trackers(self) -> list[Any]:
         """accelerate's trackers for --report_to, built here so every local file lands in RUN/trackers: accelerate
         would name tensorboard's folder after the project, and wandb and mlflow default to the working folder."""
         from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
@@ -400,7 +519,7 @@ class Trainer:
         }
         return [build[name]() for name in self.tracker_names]
 
-    def _start_trackers(self, document: dict | None, step: int) -> None:
+    def _start_trackers(self, document: dict[str, Any] | None, step: int) -> None:
         """Start the trackers with the config (on the main process, as accelerate does). One that cannot start
         ends the run in one line, in every process, and takes back every file the trackers' start wrote."""
         from accelerate.utils import broadcast_object_list
@@ -409,6 +528,7 @@ class Trainer:
             return
         problem = None
         if self.is_main:
+            assert document is not None  # the main process builds it
             folder = self.run_dir / TRACKERS_FOLDER
             created = next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
             existing = set(folder.rglob("*"))
@@ -421,16 +541,18 @@ class Trainer:
                     mlflow.set_tracking_uri(f"sqlite:///{folder.resolve() / 'mlflow.db'}")
                 # The trackers were built with their folders and names; init_trackers starts them.
                 self.accelerator.init_trackers(self.tracker_project, config=flat_config(document))
-            except Exception as error:  # a tracker's own failure: no login, no network, a bad URI, ...
+            except Exception as error:  # noqa: BLE001 - a tracker's own failure: no login, no network, a bad URI, ...
                 # The first tracker that did not start failed; with none listed yet, mlflow's set-up did.
                 trackers = self.accelerator.trackers
-                failed = next((t.name for t in trackers if not _started(t)),
-                              self.config.report_to if trackers else "mlflow")
+                failed = next(
+                    (t.name for t in trackers if not _started(t)), self.config.report_to if trackers else "mlflow"
+                )
                 self._finish_trackers()
                 _remove_new_files(folder, existing, created)
                 reason, fix = one_line(error).rstrip("."), TRACKER_FIX.get(failed, "fix what it reports")
-                problem = (f"--report_to {failed} could not start: {reason}; {fix}, or train without it "
-                           "(--report_to none).")
+                problem = (
+                    f"--report_to {failed} could not start: {reason}; {fix}, or train without it (--report_to none)."
+                )
             else:
                 for tracker in self.accelerator.trackers:
                     if tracker.name == "tensorboard":
@@ -455,20 +577,38 @@ class Trainer:
         process only, as accelerate logs; nothing without trackers)."""
         self.accelerator.log(values, step=step)
 
-    def _resume_folder(self) -> Path | None:
-        """The checkpoint to resume from; refuses to mix a new run into an earlier run's folder."""
+    def _resume_state(self, replacement: Replacement) -> tuple[Path | None, TrainingState | None]:
+        """The checkpoint to resume from and its checked state; refuses to mix a new run into an earlier run's
+        folder, and with --overwrite moves the earlier run aside until the new one reaches its first step.
+
+        ``latest`` passes over damaged checkpoints, each named in a notice; a named folder that is damaged is
+        one line, as the user asked for that very state.
+        """
         request = self.config.resume_from_checkpoint
         if request == "latest":
-            found = checkpoints.latest_checkpoint(self.checkpoint_dir)
+            damaged: list[CheckpointError] = []
+
+            def skip(error: CheckpointError) -> None:
+                damaged.append(error)
+                self.notify(f"skipped damaged checkpoint '{error.folder}': {error.problem}.")
+
+            found = checkpoints.newest_resumable(self.checkpoint_dir, skip)
             if found is not None:
                 return found
-            self.notify(f"no checkpoint in '{self.checkpoint_dir}' yet; starting a new run.")
+            if damaged and not self.config.overwrite:
+                raise HarnessError(
+                    f"every checkpoint in '{self.checkpoint_dir}' is damaged (the newest, '{damaged[0].folder}': "
+                    f"{damaged[0].problem}); pass --overwrite to start the run again, or another --run_name."
+                )
+            usable = "usable " if damaged else ""
+            self.notify(f"no {usable}checkpoint in '{self.checkpoint_dir}' yet; starting a new run.")
         elif request is not None:
             folder = Path(request).expanduser()
             if not folder.is_dir():
-                raise HarnessError(f"--resume_from_checkpoint '{folder}' is not a folder; pass a checkpoint-N "
-                                   "folder or 'latest'.")
-            return folder
+                raise HarnessError(
+                    f"--resume_from_checkpoint '{folder}' is not a folder; pass a checkpoint-N folder or 'latest'."
+                )
+            return folder, checkpoints.load_resumable(folder)
         if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()):
             if not self.config.overwrite:
                 raise HarnessError(
@@ -476,19 +616,17 @@ class Trainer:
                     "to continue it, --overwrite to replace it, or another --run_name."
                 )
             if self.is_main:
-                shutil.rmtree(self.checkpoint_dir)
-                shutil.rmtree(self.run_dir / VALIDATION_FOLDER, ignore_errors=True)
-                shutil.rmtree(self.run_dir / TRACKERS_FOLDER, ignore_errors=True)
-                (self.run_dir / LOG_FILE).unlink(missing_ok=True)
+                replacement.move_aside()  # deleted once the new run's model has loaded, put back if it never does
             self.accelerator.wait_for_everyone()
-        return None
+        return None, None
 
     def _shared_seed(self, resumed: TrainingState | None) -> int:
         if resumed is not None:
             seed = resumed.info["seed"]
             if self.config.seed not in (None, seed):
-                raise HarnessError(f"the checkpoint was trained with --seed {seed}; resume with that seed "
-                                   "(or without --seed).")
+                raise HarnessError(
+                    f"the checkpoint was trained with --seed {seed}; resume with that seed (or without --seed)."
+                )
             return seed
         if self.config.seed is not None:
             return self.config.seed
@@ -502,9 +640,16 @@ class Trainer:
             return
         with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(json.dumps(report.as_dict()) + "\n")
-        self.log_metrics({"train/loss": report.loss, "train/learning_rate": report.lr,
-                          "train/seconds_per_step": report.step_seconds}, report.step)
+        self.log_metrics(
+            {
+                "train/loss": report.loss,
+                "train/learning_rate": report.lr,
+                "train/seconds_per_step": report.step_seconds,
+            },
+            report.step,
+        )
         self.on_step(report)
+        self.on_step_end(report)
 
     def _save_checkpoint(self, run: RunState) -> None:
         from accelerate.utils import gather_object
@@ -523,14 +668,23 @@ class Trainer:
             scaler = self.accelerator.scaler
             progress = run.progress
             state.info = {
-                "step": progress.step, "samples_seen": progress.samples_seen, "seconds": progress.seconds,
-                "seed": self.seed, "world_size": self.accelerator.num_processes, "trainer": self.name,
-                "optimizer": optimizer_info, "lr_scheduler": run.lr_scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_info,
+                "step": progress.step,
+                "samples_seen": progress.samples_seen,
+                "seconds": progress.seconds,
+                "seed": self.seed,
+                "world_size": self.accelerator.num_processes,
+                "trainer": self.name,
+                "optimizer": optimizer_info,
+                "lr_scheduler": run.lr_scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_info,
             }
 
             def write(folder: Path) -> None:
                 self.save_weights(folder)
+                # Listed so a resumed run can tell a checkpoint whose weights were lost or cut short.
+                state.info[checkpoints.WEIGHTS_FILES] = sorted(
+                    path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
                 state.save(folder)
 
             records.write_folder_atomic(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
@@ -543,28 +697,40 @@ class Trainer:
         saved = state.with_prefix("param.")
         mismatched = {name for name, p in trainable.items() if name not in saved or saved[name].shape != p.shape}
         if mismatched or len(saved) != len(trainable):
-            raise HarnessError(f"checkpoint '{folder}' holds other trainable weights than this run has "
-                               f"(e.g. '{sorted(mismatched or set(saved) - set(trainable))[0]}'); resume with "
-                               "the settings it was trained with (--lora_rank, --lora_target_modules, --model).")
+            raise HarnessError(
+                f"checkpoint '{folder}' holds other trainable weights than this run has "
+                f"(e.g. '{sorted(mismatched or set(saved) - set(trainable))[0]}'); resume with "
+                "the settings it was trained with (--lora_rank, --lora_target_modules, --model)."
+            )
         with torch.no_grad():
             for name, parameter in trainable.items():
                 parameter.copy_(saved[name])
         self.load_extra_state(state.with_prefix("extra."))
-        run.optimizer.load_state_dict(checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
-        run.lr_scheduler.load_state_dict(info["lr_scheduler"])
-        if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(info["grad_scaler"])
         rank = str(self.accelerator.process_index)
-        if rank in info["rng"]:
-            checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], run.generator)
+        # load_resumable checked the form of each part; torch's own loaders still refuse what does not fit this
+        # run's optimizer, schedule or generator (another number of parameter groups, another device's RNG).
+        try:
+            run.optimizer.load_state_dict(
+                checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"])
+            )
+            run.lr_scheduler.load_state_dict(info["lr_scheduler"])
+            if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+            if rank in info["rng"]:
+                checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], run.generator)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+            raise HarnessError(f"checkpoint '{folder}' does not fit this run ({one_line(error)}); resume with the "
+                               "settings it was trained with.") from None
         if info["world_size"] != self.accelerator.num_processes:
-            self.notify(f"the checkpoint was written by {info['world_size']} process(es), this run has "
-                        f"{self.accelerator.num_processes}: training continues, but not exactly as the "
-                        "uninterrupted run would have.")
+            self.notify(
+                f"the checkpoint was written by {info['world_size']} process(es), this run has "
+                f"{self.accelerator.num_processes}: training continues, but not exactly as the "
+                "uninterrupted run would have."
+            )
         run.progress = Progress(info["step"], info["samples_seen"], info["seconds"])
         self.notify(f"resuming from '{folder}' at step {run.progress.step}.")
 
-    def _config_document(self, examples, resume_folder: Path | None) -> dict:
+    def _config_document(self, examples, resume_folder: Path | None) -> dict[str, Any]:
         """What config.json holds (and the trackers get): the settings, what the run resolved, the environment."""
         processes = self.accelerator.num_processes
         return {
@@ -584,16 +750,19 @@ class Trainer:
             "environment": records.environment(self.device, self.weight_dtype, self._plugin_manager()),
         }
 
-    def _write_config(self, document: dict | None, resume_folder: Path | None, progress: Progress) -> None:
+    def _write_config(self, document: dict[str, Any] | None, resume_folder: Path | None, progress: Progress) -> None:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         records.write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(document, indent=2, default=str) + "\n")
         log = self.run_dir / LOG_FILE
         if resume_folder is not None and log.is_file():
-            # Steps logged after the checkpoint was written are about to be trained again.
-            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= progress.step]
+            kept = []
+            for line in log.read_bytes().splitlines():
+                step = _logged_step(line)
+                # Steps logged after the checkpoint are about to be trained again; a line torn by a kill goes too.
+                if step is not None and step <= progress.step:
+                    kept.append(line.decode("utf-8"))
             records.write_text_atomic(log, "".join(line + "\n" for line in kept))
 
     def _plugin_manager(self):
@@ -619,8 +788,9 @@ class Trainer:
         mlflow the written file."""
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.log_images({VALIDATION_FOLDER: np.asarray(grid.convert("RGB"))[None]}, step=step,
-                                   dataformats="NHWC")
+                tracker.log_images(
+                    {VALIDATION_FOLDER: np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
+                )
             elif tracker.name == "wandb":
                 tracker.log_images({VALIDATION_FOLDER: [grid]}, step=step)
             elif tracker.name == "mlflow":

@@ -1,0 +1,118 @@
+"""The output folder of a run: one run at a time, and an earlier run replaced only once the new one works.
+
+- :class:`FolderLock` takes an advisory lock (``flock``) on ``FOLDER/.harness.lock`` for as long as a run
+  writes there; a second run on the same folder is refused with one line naming the process that holds it.
+  The kernel drops the lock when its process ends, however it ends, so a crashed run never blocks the next;
+  a run that ends normally also removes the file, so the folder holds only the run's results.
+- :class:`Replacement` moves an earlier run's files into a hidden ``FOLDER/.replaced-run`` instead of
+  deleting them. :meth:`Replacement.commit` deletes them once the new run has loaded its model; until then
+  (a model that fails to load, Ctrl-C, a crash) :meth:`Replacement.restore` puts them back.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from types import TracebackType
+
+from harness.errors import HarnessError
+
+LOCK_FILE = ".harness.lock"
+REPLACED_FOLDER = ".replaced-run"
+
+
+class FolderLock:
+    """An exclusive advisory lock on a run folder (created if missing), held until :meth:`release`."""
+
+    def __init__(self, folder: Path, option: str):
+        self.folder = Path(folder)
+        self.option = option  # the option that names the folder, for the message: --outdir, --output_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as error:
+            raise HarnessError(f"cannot write to output folder '{self.folder}': {error.strerror or error}; pass a "
+                               f"writable {self.option}.") from None
+        try:
+            _lock(fd)
+        except BlockingIOError:
+            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise HarnessError(f"'{self.folder}' is in use by another harness run ({holder}); wait for it to end or "
+                               f"pass another {self.option}.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {platform.node()}: {' '.join(sys.argv[:3])}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)  # while still held: no one else can be using it
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded against each other there
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class Replacement:
+    """An earlier run's files moved aside inside its folder, to delete or to put back.
+
+    ``names`` limits it to the files a run writes (a training run keeps the run folders of its earlier stages
+    beside them, which the new run needs); by default it is everything in the folder but the lock.
+    """
+
+    def __init__(self, folder: Path, names: Collection[str] | None = None):
+        self.folder = Path(folder)
+        self.names = None if names is None else frozenset(names)
+        self.aside = self.folder / REPLACED_FOLDER
+        self.pending = False
+
+    def _entries(self) -> list[Path]:
+        """The run's own entries in the folder now (the new run's, once the earlier one is aside)."""
+        found = [entry for entry in self.folder.iterdir() if entry.name not in (LOCK_FILE, REPLACED_FOLDER)]
+        return [entry for entry in found if self.names is None or entry.name in self.names]
+
+    def move_aside(self) -> Replacement:
+        """Move the run's files into the hidden folder."""
+        if self.aside.exists():  # left by a run that was killed before it could commit or restore
+            self.restore()
+        self.aside.mkdir()
+        for entry in self._entries():
+            entry.rename(self.aside / entry.name)
+        self.pending = True
+        return self
+
+    def commit(self) -> None:
+        """The new run works: the earlier one goes for good."""
+        if self.pending:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.pending = False
+
+    def restore(self) -> None:
+        """The new run never got going: remove what it wrote and put the earlier run back."""
+        for entry in self._entries():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in self.aside.iterdir():
+            entry.rename(self.folder / entry.name)
+        self.aside.rmdir()
+        self.pending = False
