@@ -388,7 +388,8 @@ class RecordContext:
     environment: dict[str, Any]
     world_size: int
 
-    def failed(self, task: Task, error: str) -> Record:
+    def record(self, task: Task, *, error: str | None = None, measured: Measured | None = None) -> Record:
+        """A record of ``task`` with the run's shared part: failed with ``error``, or with ``measured`` figures."""
         return Record(
             sampler=task.sampler,
             baseline=task.baseline,
@@ -399,7 +400,11 @@ class RecordContext:
             environment=self.environment,
             world_size=self.world_size,
             error=error,
+            measured=measured,
         )
+
+    def failed(self, task: Task, error: str) -> Record:
+        return self.record(task, error=error)
 
 
 def build_record(
@@ -466,17 +471,7 @@ def build_record(
             for share in shares
         ],
     )
-    return Record(
-        sampler=task.sampler,
-        baseline=task.baseline,
-        steps=task.steps,
-        guidance_scale=task.guidance_scale,
-        created_utc=records.utc_now(),
-        config=context.config,
-        environment=context.environment,
-        world_size=context.world_size,
-        measured=measured,
-    )
+    return context.record(task, measured=measured)
 
 
 class RunWriter:
