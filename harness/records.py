@@ -108,10 +108,11 @@ def read_records(path: Path, on_skip: Callable[[str], None] | None = None) -> li
     ``on_skip`` and left out, or, without ``on_skip``, raised as a :class:`RecordError`.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != RECORDS_FILE:
         path = path / RECORDS_FILE
     if not path.is_file():
-        raise HarnessError(f"no {RECORDS_FILE} at '{path}'; pass a run folder written by `harness bench`.")
+        what = "is a folder, not a file" if path.exists() else "does not exist"
+        raise HarnessError(f"'{path}' {what}; pass a run folder written by `harness bench` (it holds {RECORDS_FILE}).")
     try:
         data = path.read_bytes()
     except OSError as error:

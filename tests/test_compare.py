@@ -111,7 +111,7 @@ def test_different_devices_or_dtypes_warn(tmp_path, setup, shown):
 
 
 @pytest.mark.parametrize("make_b, message", [
-    (lambda tmp: tmp / "missing", "no records.jsonl at"),
+    (lambda tmp: tmp / "missing", "missing' does not exist; pass a run folder"),
     (lambda tmp: write_run(tmp / "empty", []), "holds no records"),
     (lambda tmp: write_run(tmp / "other", [make_record("vanilla-sd", 50, 2.0)]), "no measurement of A"),
     (lambda tmp: write_run(tmp / "twice", [make_record(), make_record()]), "measures flash-lcm 4 steps"),
