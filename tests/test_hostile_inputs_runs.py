@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import distributed, launcher, report, runner, timing
+from harness import distributed, launcher, report, resources, runner, timing
 from harness.errors import HarnessError
 from harness.prompts import read_prompt_file
 from tests.conftest import invoke, record_json
@@ -299,7 +299,7 @@ def test_an_interrupt_inside_a_native_call_ends_the_run_within_seconds_keeping_w
 def test_a_call_too_large_for_the_memory_left_is_refused_with_the_estimate(tmp_path, embedded_model, monkeypatch,
                                                                             args, available_gib, message):
     no_model_loads(monkeypatch)
-    monkeypatch.setattr(runner, "available_memory", lambda device: int(available_gib * 2**30))
+    monkeypatch.setattr(resources, "available_memory", lambda device: int(available_gib * 2**30))
     result = invoke("bench", "--steps", "1", "--outdir", tmp_path / "run", *args, *FAST)
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == f"Error: {message}"
@@ -320,12 +320,12 @@ def test_the_estimate_covers_the_embedded_model_and_knows_what_helps():
     from harness import models
     from harness.speed import SpeedOptions
 
-    unet, vae, parameters = runner.model_architecture(models.resolve_model("embedded"))
-    assert runner.native_size(unet, vae) == (64, 64)
+    unet, vae, parameters = resources.model_architecture(models.resolve_model("embedded"))
+    assert resources.native_size(unet, vae) == (64, 64)
 
     def estimate(size, images=1, guided=False, **speed):
-        return runner.estimate_call_memory(unet, vae, size, size, images, guided, torch.float32, SpeedOptions(**speed),
-                                           parameters)
+        return resources.estimate_call_memory(unet, vae, size, size, images, guided, torch.float32,
+                                              SpeedOptions(**speed), parameters)
 
     # Above the peak RSS of one call measured on a CPU (MiB over the loaded pipeline): 26 at 64 px, 126 at 256,
     # 345 at 512, 524 for 2 guided images at 512.
@@ -349,9 +349,9 @@ def test_a_hub_model_in_the_local_cache_is_estimated_from_its_cached_configs(tmp
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    cached = runner.model_architecture(models.resolve_model("someone/tiny-sd"))
-    assert cached == (*runner.model_architecture(models.resolve_model("embedded"))[:2], 0)  # no weights cached
-    assert runner.model_architecture(models.resolve_model("someone/not-downloaded")) is None
+    cached = resources.model_architecture(models.resolve_model("someone/tiny-sd"))
+    assert cached == (*resources.model_architecture(models.resolve_model("embedded"))[:2], 0)  # no weights cached
+    assert resources.model_architecture(models.resolve_model("someone/not-downloaded")) is None
 
 
 # ----- 5. prompt files -----
