@@ -13,7 +13,7 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.shapes import write_dataset
-from harness.training import trainer as trainer_module
+from harness.training import trackers
 from tests.conftest import invoke
 from tests.test_train_data import write_shapes
 from tests.test_train_pretrain import TINY
@@ -123,7 +123,7 @@ def test_overwrite_deletes_the_earlier_runs_tracker_files(run, tmp_path, shapes)
 ])
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads(tmp_path, shapes, monkeypatch, tracker,
                                                                           install):
-    monkeypatch.setattr(trainer_module, "tracker_available", lambda name: False)
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: False)
     monkeypatch.setattr(DistillTrainer, "setup", lambda self: pytest.fail("the model was loaded"))
     result = invoke("train", "--plugin", "distill", "--data_dir", shapes, "--output_dir", tmp_path / "out",
                     "--report_to", tracker, *FAST)
@@ -143,13 +143,13 @@ def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path, shap
 
 
 def test_all_is_each_installed_tracker(monkeypatch):
-    monkeypatch.setattr(trainer_module, "tracker_available", lambda name: name != "wandb")
-    assert trainer_module.resolve_report_to("all") == ["tensorboard", "mlflow"]
-    monkeypatch.setattr(trainer_module, "tracker_available", lambda name: False)
-    assert trainer_module.resolve_report_to("all") == []
-    assert trainer_module.resolve_report_to("none") == []
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: name != "wandb")
+    assert trackers.resolve_report_to("all") == ["tensorboard", "mlflow"]
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: False)
+    assert trackers.resolve_report_to("all") == []
+    assert trackers.resolve_report_to("none") == []
     with pytest.raises(HarnessError, match="--report_to comet_ml is not a tracker harness knows"):
-        trainer_module.resolve_report_to("comet_ml")  # a Python caller, past click's choices
+        trackers.resolve_report_to("comet_ml")  # a Python caller, past click's choices
 
 
 def _wandb_without_login(monkeypatch):
@@ -157,7 +157,7 @@ def _wandb_without_login(monkeypatch):
     def start(self):
         raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
 
-    monkeypatch.setattr(trainer_module, "tracker_available", lambda name: True)
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: True)
     monkeypatch.setattr(WandBTracker, "start", start)
 
 
@@ -189,7 +189,7 @@ def test_a_tracker_failing_as_a_run_resumes_leaves_the_run_as_it_was(run, tmp_pa
     monkeypatch.setattr(TensorBoardTracker, "start", start_tensorboard)
     _wandb_without_login(monkeypatch)
     # all: tensorboard starts (and opens a new event file), then wandb fails; no mlflow, whose set-up comes first.
-    monkeypatch.setattr(trainer_module, "tracker_available", lambda name: name != "mlflow")
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: name != "mlflow")
     result = invoke("train", "--plugin", "distill", "--data_dir", shapes, "--output_dir", tmp_path, "--run_name", "tb",
                     "--report_to", "all", "--resume_from_checkpoint", "latest", *FAST, "--max_steps", STEPS + 1)
     assert result.exit_code == 2
