@@ -328,10 +328,9 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
 
 def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> None:
     """Refuse a folder that holds a run (or move that run aside with --overwrite) and check it is writable."""
-    if replacement.aside.exists():  # an --overwrite run was killed before its model loaded
-        replacement.restore()
-        click.echo(f"Restored the earlier run in '{outdir}' that an interrupted --overwrite run had moved aside.",
-                   err=True)
+    notice = replacement.recover()
+    if notice is not None:
+        click.echo(notice, err=True)
     existing = outdir / records.RECORDS_FILE
     if existing.exists() or existing.is_symlink():
         if not overwrite:

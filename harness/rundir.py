@@ -92,6 +92,14 @@ class Replacement:
         found = [entry for entry in self.folder.iterdir() if entry.name not in (LOCK_FILE, REPLACED_FOLDER)]
         return [entry for entry in found if self.names is None or entry.name in self.names]
 
+    def recover(self) -> str | None:
+        """Put back an earlier run that an --overwrite run killed before it could commit or restore left aside;
+        the notice to show the user when it did."""
+        if not self.aside.exists():
+            return None
+        self.restore()
+        return f"Restored the earlier run in '{self.folder}' that an interrupted --overwrite run had moved aside."
+
     def move_aside(self) -> Replacement:
         """Move the run's files into the hidden folder."""
         if self.aside.exists():  # left by a run that was killed before it could commit or restore

@@ -316,10 +316,9 @@ class Trainer(abc.ABC):
         if self.is_main:
             try:
                 lock.acquire()
-                if replacement.aside.exists():
-                    replacement.restore()
-                    self.notify(f"Restored the earlier run in '{self.run_dir}' that an interrupted --overwrite run "
-                                "had moved aside.")
+                notice = replacement.recover()
+                if notice is not None:
+                    self.notify(notice)
             except HarnessError as error:
                 problem = error.message
         problem = broadcast_object_list([problem])[0]  # every process waits here until the folder is settled
