@@ -132,15 +132,17 @@ def read_records(path: Path, on_skip: Callable[[str], None] | None = None) -> li
 
 
 def _parse_line(raw: bytes) -> Record:
+    return Record.from_json(json_line(raw, "not JSON (a line cut short by a crash, or not written by harness)"))
+
+
+def json_line(raw: bytes, not_json: str = "not JSON") -> Any:
+    """One line of a JSON-lines file, parsed; a RecordError says what it is instead (``not_json`` for bad JSON)."""
     try:
-        text = raw.decode("utf-8")
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise RecordError("not UTF-8 text") from None
-    try:
-        data = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        raise RecordError("not JSON (a line cut short by a crash, or not written by harness)") from None
-    return Record.from_json(data)
+        raise RecordError(not_json) from None
 
 
 def _umask() -> int:

@@ -14,7 +14,6 @@ in ``Examples.skipped``, one line per kind.
 
 from __future__ import annotations
 
-import json
 import stat
 import struct
 import warnings
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError, RecordError, one_line
+from harness.records import json_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Tried in this order when --image_column / --caption_column are not given.
@@ -232,12 +232,7 @@ def _metadata_pairs(folder: Path, caption_column: str | None, skipped: list[str]
 
 def _metadata_line(folder: Path, raw: bytes, caption_column: str | None) -> tuple[Path, str]:
     """One line of ``metadata.jsonl`` as (image, caption); RecordError says what is wrong with it."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RecordError("not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError):
-        raise RecordError("not JSON") from None
+    row = json_line(raw)
     if not isinstance(row, dict):
         raise RecordError("not a JSON object")
     return _metadata_image(folder, row.get("file_name")), _metadata_caption(row, caption_column)
