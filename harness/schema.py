@@ -10,6 +10,7 @@ measured fields, which here is ``Record.measured is None``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import types
@@ -292,10 +293,16 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     raise TypeError(f"no JSON conversion for {kind!r}")
 
 
+@functools.cache
+def _type_hints(kind: type) -> dict[str, Any]:
+    """A record class's resolved field types; resolving them is slow and every record of a file needs them."""
+    return typing.get_type_hints(kind)
+
+
 def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise _wrong(where or kind.__name__, "an object", value)
-    hints = typing.get_type_hints(kind)
+    hints = _type_hints(kind)
     arguments = {}
     for f in dataclasses.fields(kind):
         # A record's measured fields sit beside its own in the JSON, so they are named without a prefix.
