@@ -22,6 +22,7 @@ from harness import __version__, distributed, html_report, records, report
 from harness.cli_support import MultiValueCommand, click_errors
 from harness.compare import compare_command
 from harness.errors import ExitCode, HarnessError
+from harness.leaderboard import leaderboard_command
 from harness.options import build, click_options, multi_value_flags
 from harness.plugins import PLUGIN_DIRS_ENV, Registry, get_registry
 from harness.prompts import load_prompts
@@ -403,6 +404,7 @@ def plugins_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 
 
 cli.add_command(compare_command)
+cli.add_command(leaderboard_command)
 cli.add_command(train)
 
 

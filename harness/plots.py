@@ -143,3 +143,39 @@ def write_quality_plot(run_dir: Path, records: Sequence[Record], metric: str,
     axes.set_xlabel("seconds per image (median)")
     axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
     return _finish(figure, axes, f"Quality against latency: {_title(records)}", Path(run_dir) / QUALITY_PLOT)
+
+
+class QualitySeries(NamedTuple):
+    """One line of a quality-against-latency plot: a sampler (or LoRA) across step counts."""
+
+    label: str
+    baseline: bool
+    points: list[tuple[int, float, float]]  # (steps, median seconds/image, quality), by steps
+
+
+def write_quality_series_plot(path: Path, series: Sequence[QualitySeries], metric: str, higher_is_better: bool,
+                              title: str) -> Path | None:
+    """Write ``metric`` against seconds/image, one marked line per series with each point's steps written beside it,
+    and the Pareto front over every point; None (and no file) without a point."""
+    points = [QualityPoint(f"{line.label} {steps}", seconds, quality)
+              for line in series for steps, seconds, quality in line.points]
+    if not points:
+        return None
+    figure, axes = _new_figure()
+    for line in series:
+        if not line.points:
+            continue
+        _, seconds, quality = zip(*line.points)
+        axes.plot(seconds, quality, marker="s" if line.baseline else "o",
+                  linestyle="none" if line.baseline else "-",
+                  label=f"{line.label} (baseline)" if line.baseline else line.label, zorder=2)
+        for steps, x, y in line.points:
+            axes.annotate(str(steps), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = pareto_front(points, higher_is_better)
+    axes.plot([p.seconds for p in front], [p.quality for p in front], color="tab:red", linewidth=4, alpha=0.3,
+              label="Pareto front", zorder=1)
+    if needs_log_scale([p.seconds for p in points]):
+        axes.set_xscale("log")
+    axes.set_xlabel("seconds per image (median); numbers: steps")
+    axes.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    return _finish(figure, axes, title, Path(path))
