@@ -40,6 +40,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.pretrain",
     "harness_plugins.undistilled",
     "harness_plugins.lcm",
+    "harness_plugins.flash",
     "harness_plugins.shapes",
     "harness_plugins.image_metrics",
     "harness_plugins.fidelity",
