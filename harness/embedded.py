@@ -62,7 +62,10 @@ _PROMPT_WORDS = (
     "walking", "holding", "table", "room", "window", "book", "cup", "coffee", "apple", "by", "from",
     "under", "over", "near", "is", "very",
 )  # fmt: skip
-EMBEDDED_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_SHAPE_WORDS + _PROMPT_WORDS))
+# The open-caption grammar's words come last, so the token ids of every word before them stay those of the
+# first embedded model's tokenizer.
+_OPEN_GRAMMAR_WORDS = ("two", "three", "circles", "squares", "triangles", "shape", "shapes")
+EMBEDDED_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_SHAPE_WORDS + _PROMPT_WORDS + _OPEN_GRAMMAR_WORDS))
 
 # Gaussian LoRA init leaves lora_B at zero (a no-op adapter). This std makes a random LoRA change the
 # UNet's output by ~15% (relative L2 norm, measured on a random UNet): clearly visible, far from blowing it up.

@@ -1,130 +1,306 @@
-"""The prompt-fidelity judge: does a picture show what its shapes caption (``harness.shapes``) says?
+"""The prompt-fidelity judge: does a picture show what its shapes caption says, and commit to one picture?
 
-It reads the five attributes back from pixels, with no model, the same way every time:
+It reads a picture back from pixels, with no model, the same way every time (``read()``):
 
-1. background: the per-channel median of the outermost ring of pixels (shapes keep a margin, so the
+1. background: the per-channel median of the outermost ring of pixels (objects keep a margin, so the
    border is background);
-2. the shape: the pixels nearer to the shape's colour (the median of the pixels far from the background)
-   than to the background - a threshold halfway between the two, so blur moves no edge - of which only
-   the largest 4-connected region counts;
-3. position: the anchor of ``ANCHORS`` nearest to the centre of the region's bounding box;
-4. size: large when the box's longer side exceeds ``LARGE_ABOVE`` of the image side;
-5. shape: a triangle (apex up) when less than ``TRIANGLE_BELOW`` of the region lies in the upper half of
-   its box; otherwise a square when it is more than ``SQUARE_ABOVE`` times as wide along the diagonals as
-   along the axes (a square is sqrt(2) times, a circle once), else a circle;
-6. colours: the nearest of ``COLOURS`` to the background's median and to the median of the region's
-   interior (its pixels farther from the background than its median pixel, which blur leaves alone).
+2. ink: pixels farther than ``MIN_CONTRAST`` from the background;
+3. objects: 4-connected regions of *solid* ink - pixels within ``SOLID_TOLERANCE`` of one palette
+   colour of ``shapes.COLOURS`` (and nearer to it than to the background) - of one colour and at least
+   ``MIN_OBJECT_AREA`` of the picture. Each grows to every connected pixel nearer to its colour than to
+   the background (a halfway threshold, so blur moves no edge), and is read like a render:
+   - position: the anchor of ``shapes.ANCHORS`` nearest to the centre of its bounding box;
+   - size: large when the box's longer side exceeds ``LARGE_ABOVE`` of the image side;
+   - shape: a triangle (apex up) when less than ``TRIANGLE_BELOW`` of it lies in the upper half of its
+     box; otherwise a square when it is more than ``SQUARE_ABOVE`` times as wide along the diagonals as
+     along the axes (a square is sqrt(2) times, a circle once), else a circle;
+   - colour: the palette colour its solid pixels are nearest to;
+4. solidity: the share of ink within ``EDGE_PIXELS`` of an object. A render's ink is all objects; a smear,
+   or the ghost of several layouts averaged, is ink that belongs to no solid object.
 
-Its thresholds are fixed by ``tests/test_shapes.py`` (clean, blurred and noisy renders, shuffled
-captions), never by how well some model scores. ``overall`` is the fraction of the five attributes that
-are right.
+``judge()`` scores one picture against its caption (``harness.scenes`` grammar, which includes the closed
+one of ``harness.shapes``):
+
+- each attribute the caption states: background right or not; shape, colour, size and position as the
+  share of the objects that show it (no object: 0);
+- **commitment**: the picture shows exactly the stated number of objects and its solidity is at least
+  ``SOLID_MIN``;
+- ``overall`` = half commitment, half the mean of the stated attributes' scores (commitment alone when
+  the caption states none). A picture that does not commit to one image - a smear, or the mean of layouts
+  that lie further apart than an object's edge - scores at most 0.5. (Layouts of a caption that names a
+  position differ by a few pixels of jitter: their mean is still nearly one picture.)
+
+``coverage()`` judges a sampler's pictures of the same captions across seeds: for each attribute a
+caption leaves open, the joint histogram of the values two pictures of one caption show, over every pair
+of seeds, against the same for pairs of independent scenes the data draws for those captions
+(``scenes.draw_scene``); coverage is one minus the mean total-variation distance. A sampler that draws
+the same layout for every seed, one that always draws the same place, and one that draws no object all
+lose.
+
+Thresholds are fixed by ``tests/test_judge.py`` (clean, blurred and noisy renders; averaged layouts;
+shuffled captions), never by how well some model scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from harness.shapes import ANCHORS, ATTRIBUTE_NAMES, COLOURS, SIZES, parse_caption
+from harness import scenes
+from harness.shapes import COLOURS
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=float)
 _PALETTE_NAMES = list(COLOURS)
-# Halfway between the small and the large box side.
-LARGE_ABOVE = (SIZES["small"] + SIZES["large"]) / 2
+# Halfway between the largest small side and the smallest large side.
+LARGE_ABOVE = (scenes.SIDES["small"][1] + scenes.SIDES["large"][0]) / 2
 # An apex-up triangle has a quarter of its area in the upper half of its box, a circle or square half.
 TRIANGLE_BELOW = (0.25 + 0.5) / 2
 # A circle is as wide along its diagonals as along its axes, a square sqrt(2) times as wide.
 SQUARE_ABOVE = (1.0 + np.sqrt(2)) / 2
-# Below this RGB distance from the background nothing counts as a shape: a flat picture shows none. The
-# closest two named colours are 94 apart; the 99th percentile of noise with sigma 8 per channel is 27.
+# Below this RGB distance from the background a pixel is background. The closest two named colours are
+# 94 apart; the 99th percentile of noise with sigma 8 per channel is 27.
 MIN_CONTRAST = 40.0
+# Within this RGB distance of a palette colour a pixel is solid: under half the closest pair's distance.
+SOLID_TOLERANCE = 45.0
+# The smallest object (a small triangle) covers about 1.3% of the picture; specks below this are none.
+MIN_OBJECT_AREA = 0.004
+EDGE_PIXELS = 2
+SOLID_MIN = 0.9
+REFERENCE_DRAWS = 32
+PER_OBJECT = ("shape", "colour", "size", "position")
+MISSING = "none"
 
 
-def _nearest_colour(rgb: np.ndarray) -> str:
-    return _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=1)))]
+@dataclass(frozen=True)
+class SeenObject:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    area: int
 
 
-def _largest_region(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of ``mask`` (a boolean array), as a mask of the same shape."""
-    height, width = mask.shape
-    inside = mask.tolist()  # Python lists index far faster than numpy arrays one pixel at a time
+@dataclass(frozen=True)
+class Reading:
+    """What the judge sees in one picture."""
+
+    background: str
+    objects: tuple[SeenObject, ...]  # largest first
+    solidity: float
+
+
+def _components(labels: np.ndarray) -> list[list[tuple[int, int]]]:
+    """4-connected regions of equal non-negative label, largest first."""
+    height, width = labels.shape
+    grid = labels.tolist()  # Python lists index far faster than numpy arrays one pixel at a time
     seen = [[False] * width for _ in range(height)]
-    best: list[tuple[int, int]] = []
-    for start_y, start_x in zip(*np.nonzero(mask)):
+    regions = []
+    for start_y, start_x in zip(*np.nonzero(labels >= 0)):
         if seen[start_y][start_x]:
             continue
+        label = grid[start_y][start_x]
         seen[start_y][start_x] = True
         region, stack = [], [(int(start_y), int(start_x))]
         while stack:
             y, x = stack.pop()
             region.append((y, x))
             for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and inside[ny][nx] and not seen[ny][nx]:
+                if 0 <= ny < height and 0 <= nx < width and not seen[ny][nx] and grid[ny][nx] == label:
                     seen[ny][nx] = True
                     stack.append((ny, nx))
-        if len(region) > len(best):
-            best = region
-    out = np.zeros_like(mask)
-    ys, xs = zip(*best)
-    out[list(ys), list(xs)] = True
+        regions.append(region)
+    return sorted(regions, key=len, reverse=True)
+
+
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    out: np.ndarray = mask.copy()
+    for _ in range(pixels):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
     return out
 
 
-def describe(image: Image.Image) -> dict[str, str | None]:
-    """What the judge sees: a value for each attribute of ``ShapeAttributes``; None where no shape shows."""
-    pixels = np.asarray(image.convert("RGB"), dtype=float)
-    height, width = pixels.shape[:2]
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    background = np.median(border, axis=0)
-    seen: dict[str, str | None] = dict.fromkeys(ATTRIBUTE_NAMES)
-    seen["background"] = _nearest_colour(background)
-
-    distance = np.linalg.norm(pixels - background, axis=2)
-    # A high percentile rather than the maximum, so that noise alone never makes a shape; the smallest
-    # shape covers about 2% of the image.
-    contrast = np.percentile(distance, 99)
-    if contrast < MIN_CONTRAST:
-        return seen
-    foreground = np.median(pixels[distance > contrast / 2], axis=0)
-    nearer_foreground = np.linalg.norm(pixels - foreground, axis=2) < distance
-    if not nearer_foreground.any():
-        return seen
-    region = _largest_region(nearer_foreground)
-
+def _read_object(region: np.ndarray, colour: str, area: int) -> SeenObject:
+    height, width = region.shape
     ys, xs = np.nonzero(region)
     box_width, box_height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     centre_x, centre_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    centre = np.array([centre_x / width, centre_y / height])
-    seen["position"] = min(ANCHORS, key=lambda name: float(np.linalg.norm(centre - ANCHORS[name])))
-    seen["size"] = "large" if max(box_width / width, box_height / height) > LARGE_ABOVE else "small"
+    position = scenes.nearest_anchor((centre_x / width, centre_y / height))
+    size = "large" if max(box_width / width, box_height / height) > LARGE_ABOVE else "small"
     upper_share = float(np.mean(ys + 0.5 < centre_y))
     # Along the diagonals a pixel spans sqrt(2), so a box of whole pixels measures sqrt(2) times its side.
     diagonal = np.mean([np.ptp(xs + ys), np.ptp(xs - ys)]) / np.sqrt(2) + np.sqrt(2)
     corners = diagonal / np.mean([box_width, box_height])
-    seen["shape"] = "triangle" if upper_share < TRIANGLE_BELOW else "square" if corners > SQUARE_ABOVE else "circle"
-    interior = region & (distance >= np.median(distance[region]))
-    seen["colour"] = _nearest_colour(np.median(pixels[interior], axis=0))
-    return seen
+    shape = "triangle" if upper_share < TRIANGLE_BELOW else "square" if corners > SQUARE_ABOVE else "circle"
+    return SeenObject(shape, colour, size, position, area)
 
 
-def judge(image: Image.Image, caption: str) -> dict[str, float | bool]:
-    """Score ``image`` against ``caption``: one boolean per attribute, and ``overall`` (the fraction right).
+def read(image: Image.Image) -> Reading:
+    """The background, the solid objects and the solidity of ``image``."""
+    pixels = np.asarray(image.convert("RGB"), dtype=float)
+    height, width = pixels.shape[:2]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background_rgb = np.median(border, axis=0)
+    background_index = int(np.argmin(np.linalg.norm(_PALETTE - background_rgb, axis=1)))
+    to_background = np.linalg.norm(pixels - background_rgb, axis=2)
+    ink = to_background > MIN_CONTRAST
 
-    ValueError if the caption is not of the shapes grammar.
-    """
-    wanted = parse_caption(caption)
-    seen = describe(image)
-    scores: dict[str, float | bool] = {name: seen[name] == getattr(wanted, name) for name in ATTRIBUTE_NAMES}
-    scores["overall"] = sum(scores.values()) / len(ATTRIBUTE_NAMES)
+    to_palette = np.linalg.norm(pixels[:, :, None, :] - _PALETTE, axis=3)  # (H, W, colours)
+    to_palette[:, :, background_index] = np.inf
+    nearest = np.argmin(to_palette, axis=2)
+    to_nearest = np.take_along_axis(to_palette, nearest[:, :, None], axis=2)[:, :, 0]
+    solid = ink & (to_nearest < SOLID_TOLERANCE) & (to_nearest < to_background)
+    labels = np.where(solid, nearest, -1)
+
+    objects: list[SeenObject] = []
+    claimed = np.zeros((height, width), dtype=bool)
+    for core in _components(labels):
+        if len(core) < MIN_OBJECT_AREA * height * width:
+            break
+        y, x = core[0]
+        if claimed[y, x]:
+            continue  # a second solid core of an object already read
+        colour_index = int(labels[y, x])
+        nearer = np.linalg.norm(pixels - _PALETTE[colour_index], axis=2) < to_background
+        grown = next(region for region in _components(np.where(nearer, 0, -1)) if (y, x) in region)
+        region = np.zeros((height, width), dtype=bool)
+        region[tuple(np.array(grown).T)] = True
+        claimed |= region
+        objects.append(_read_object(region, _PALETTE_NAMES[colour_index], len(grown)))
+
+    ink_count = int(ink.sum())
+    near_objects = _dilate(claimed, EDGE_PIXELS)
+    solidity = float((ink & near_objects).sum() / ink_count) if ink_count else 1.0
+    return Reading(_PALETTE_NAMES[background_index], tuple(objects), solidity)
+
+
+def score(reading: Reading, caption: scenes.Caption) -> dict[str, float]:
+    """Per-image scores of a reading against a caption: stated attributes, ``count``, ``commitment``, ``overall``."""
+    scores: dict[str, float] = {}
+    for name in caption.stated:
+        wanted = getattr(caption, name)
+        if name == "background":
+            scores[name] = float(reading.background == wanted)
+        else:
+            matches = [getattr(item, name) == wanted for item in reading.objects]
+            scores[name] = float(np.mean(matches)) if matches else 0.0
+    scores["count"] = float(len(reading.objects) == caption.count)
+    scores["commitment"] = float(scores["count"] and reading.solidity >= SOLID_MIN)
+    stated = [scores[name] for name in caption.stated]
+    scores["overall"] = 0.5 * scores["commitment"] + 0.5 * float(np.mean(stated)) if stated else scores["commitment"]
     return scores
 
 
+def judge(image: Image.Image, caption: str) -> dict[str, float]:
+    """Score ``image`` against ``caption`` (see the module docstring). ValueError for text outside the grammar."""
+    return score(read(image), scenes.parse(caption))
+
+
+SUMMARY_KEYS = ("overall", "commitment", "count", *scenes.OPEN_ATTRIBUTES)
+
+
 def judge_all(pairs: Iterable[tuple[Image.Image, str]]) -> dict[str, float]:
-    """Accuracy per attribute and ``overall`` (their mean) over (image, caption) pairs, with their count ``n``."""
+    """Mean scores over (image, caption) pairs: ``overall``, ``commitment``, ``count``, each attribute over the
+    captions that state it (absent where none does), and the count of pairs ``n``."""
     results = [judge(image, text) for image, text in pairs]
     if not results:
         raise ValueError("judge_all needs at least one (image, caption) pair")
-    summary = {name: float(np.mean([result[name] for result in results])) for name in (*ATTRIBUTE_NAMES, "overall")}
+    summary: dict[str, float] = {}
+    for name in SUMMARY_KEYS:
+        values = [result[name] for result in results if name in result]
+        if values:
+            summary[name] = float(np.mean(values))
     return {**summary, "n": len(results)}
+
+
+def _histogram(caption: scenes.Caption, name: str, objects: Sequence[Any], background: str) -> dict[str, float]:
+    """The share of each value of attribute ``name`` in one picture: over its objects (the largest ``count``,
+    missing ones as ``MISSING``), or its background."""
+    if name == "background":
+        return {background: 1.0}
+    values = [getattr(item, name) for item in objects][: caption.count]
+    values += [MISSING] * (caption.count - len(values))
+    return {value: share / caption.count for value, share in Counter(values).items()}
+
+
+def _add_pairs(joint: dict[tuple[str, str], float], histograms: Sequence[dict[str, float]], weight: float) -> None:
+    """Add the joint histogram of every pair of distinct pictures (both orders), each pair weighing ``weight``."""
+    for first, second in combinations(histograms, 2):
+        for a, p in first.items():
+            for b, q in second.items():
+                joint[(a, b)] += weight * p * q / 2
+                joint[(b, a)] += weight * p * q / 2
+
+
+@lru_cache(maxsize=4096)
+def _reference(text: str) -> dict[str, dict[tuple[str, str], float]]:
+    """What the data draws for one caption: per open attribute, the joint histogram of two independent
+    pictures' values, summing to 1."""
+    caption = scenes.parse(text)
+    drawn = [scenes.draw_scene(caption, scenes.caption_rng(text, draw), allow_held_out=True)
+             for draw in range(REFERENCE_DRAWS)]
+    pairs = REFERENCE_DRAWS * (REFERENCE_DRAWS - 1) / 2
+    reference: dict[str, dict[tuple[str, str], float]] = {}
+    for name in caption.open:
+        joint: dict[tuple[str, str], float] = defaultdict(float)
+        _add_pairs(joint, [_histogram(caption, name, scene.objects, scene.background) for scene in drawn], 1 / pairs)
+        reference[name] = joint
+    return reference
+
+
+def coverage_of(readings: Iterable[tuple[Reading, str]]) -> dict[str, float]:
+    """How the pictures of each caption vary across seeds, against how the data varies.
+
+    For each attribute a caption leaves open, every pair of pictures of that caption gives a joint histogram
+    of their values; pooled over captions it is compared with the data's (pairs of independent draws, same
+    weights) by total-variation distance. The pairs, not each picture alone, are what make a sampler that
+    repeats one picture per caption lose as well as one that draws none. ``value`` = 1 - the mean distance
+    over attributes; ``tv_<attribute>`` each distance; ``n`` pictures, ``pairs`` the pairs compared.
+    """
+    by_caption: dict[str, list[Reading]] = defaultdict(list)
+    for reading, text in readings:
+        by_caption[" ".join(text.lower().split())].append(reading)
+    observed: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+    expected: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+    pairs = 0
+    for text, group in by_caption.items():
+        caption = scenes.parse(text)
+        count = len(group) * (len(group) - 1) // 2
+        if not count or not caption.open:
+            continue
+        pairs += count
+        for name, joint in _reference(text).items():
+            _add_pairs(observed[name], [_histogram(caption, name, reading.objects, reading.background)
+                                        for reading in group], 1.0)
+            for key, weight in joint.items():
+                expected[name][key] += weight * count
+    if not pairs:
+        raise ValueError("coverage needs at least two pictures of a caption that leaves something open "
+                         "(several seeds per prompt, e.g. --num_images 4)")
+    distances: dict[str, float] = {}
+    for name in scenes.OPEN_ATTRIBUTES:
+        if name not in observed:
+            continue
+        seen_total, drawn_total = sum(observed[name].values()), sum(expected[name].values())
+        keys = set(observed[name]) | set(expected[name])
+        distances[name] = 0.5 * sum(abs(observed[name].get(key, 0.0) / seen_total
+                                        - expected[name].get(key, 0.0) / drawn_total) for key in keys)
+    value = 1.0 - float(np.mean(list(distances.values())))
+    return {"value": value, **{f"tv_{name}": distance for name, distance in distances.items()},
+            "n": sum(len(group) for group in by_caption.values()), "pairs": pairs}
+
+
+def coverage(pairs: Iterable[tuple[Image.Image, str]]) -> dict[str, float]:
+    """``coverage_of`` the readings of (image, caption) pairs."""
+    return coverage_of((read(image), text) for image, text in pairs)

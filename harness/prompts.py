@@ -2,8 +2,11 @@
 
 Built-in sets:
 
-- ``held-out``: the embedded model's 64 evaluation prompts (``harness.shapes.held_out_prompts``), attribute
-  combinations its training data never shows; ``--metric fidelity`` scores them.
+- ``held-out``: the embedded model's 64 evaluation prompts (``harness.scenes.held_out_prompts``), open
+  captions with (shape, colour, count) combinations its training data never shows; ``--metric fidelity``
+  and ``--metric coverage`` score them.
+- ``held-out-closed``: the 64 evaluation prompts of the closed grammar (``harness.shapes``), for models
+  trained on ``harness data shapes --grammar closed``.
 - ``seed``: the prompts of the original Flash Diffusion demo's examples, a short general set for SD 1.5.
 
 A file of that name in the working folder wins over a built-in set, so nobody's file is ever shadowed.
@@ -34,6 +37,12 @@ SEED_PROMPTS = (
 
 
 def _held_out() -> list[str]:
+    from harness.scenes import held_out_prompts
+
+    return held_out_prompts()
+
+
+def _held_out_closed() -> list[str]:
     from harness.shapes import held_out_prompts
 
     return held_out_prompts()
@@ -41,6 +50,7 @@ def _held_out() -> list[str]:
 
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "held-out": _held_out,
+    "held-out-closed": _held_out_closed,
     "seed": lambda: list(SEED_PROMPTS),
 }
 

@@ -1,31 +1,63 @@
-"""fidelity: does the image show what the prompt says? For prompts of the embedded shapes grammar."""
+"""fidelity and coverage: the pixel judge of ``harness.judge`` on prompts of the embedded shapes grammar.
+
+- ``fidelity``: per picture, half commitment (the stated number of crisp, solid objects and nothing
+  else) and half the share of what the caption states that the picture shows; the mean over pictures.
+- ``coverage``: over the pictures of the same captions across seeds, how the attributes the captions
+  leave open are spread, against the data's own spread (1 - total-variation distance). Run it with
+  several seeds per prompt (``--num_images``, or several ``--seed``s) or it measures little.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import harness
 from harness.errors import HarnessError
 from harness.metric import Metric, MetricInput
 
+EXAMPLE = "'two blue squares on a white background'"
+
+
+def _check_prompts(name: str, prompts: Sequence[str]) -> None:
+    from harness.scenes import parse
+
+    for prompt in dict.fromkeys(prompts):
+        try:
+            parse(prompt)
+        except ValueError:
+            raise HarnessError(f"{name} scores prompts of the shapes grammar only (e.g. {EXAMPLE}); "
+                               f"'{prompt[:60]}' is not one.") from None
+
 
 class FidelityMetric(Metric):
     name = "fidelity"
-    description = ("Prompt fidelity of the embedded shapes grammar: share of attributes (shape, colours, position, "
-                   "size) the pixel judge finds as the prompt says.")
+    description = ("Prompt fidelity on the embedded shapes grammar: half commitment (the stated number of solid "
+                   "objects), half the share of stated attributes the pixel judge finds.")
 
     def score(self, data: MetricInput) -> dict:
         from harness.judge import judge_all
-        from harness.shapes import parse_caption
 
-        for prompt in dict.fromkeys(data.prompts):
-            try:
-                parse_caption(prompt)
-            except ValueError:
-                raise HarnessError(f"fidelity scores prompts of the shapes grammar only (e.g. 'a small red circle "
-                                   f"at the top on a blue background'); '{prompt[:60]}' is not one.") from None
+        _check_prompts(self.name, data.prompts)
         summary = judge_all(zip(data.images, data.prompts))
         return {"value": summary["overall"], **summary}
+
+
+class CoverageMetric(Metric):
+    name = "coverage"
+    description = ("Spread of what the shapes captions leave open (layout, size, shape, colour) across seeds, "
+                   "against the data's: 1 - total-variation distance.")
+
+    def score(self, data: MetricInput) -> dict:
+        from harness.judge import coverage
+
+        _check_prompts(self.name, data.prompts)
+        try:
+            return coverage(zip(data.images, data.prompts))
+        except ValueError as error:
+            raise HarnessError(f"{error}; e.g. {EXAMPLE}.") from None
 
 
 @harness.hookimpl
 def register_metrics(register):
     register(FidelityMetric)
+    register(CoverageMetric)

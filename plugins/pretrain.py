@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import harness
-from harness import embedded, judge, shapes
+from harness import embedded, judge, scenes
 from harness.errors import HarnessError
 from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
 from harness.training.checkpoints import FINAL
@@ -253,7 +253,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, self.device)
         self.model_spec = None
         every = max(1, 64 // self.config.eval_prompts)
-        self.eval_prompts = shapes.held_out_prompts()[::every][: self.config.eval_prompts]
+        self.eval_prompts = scenes.held_out_prompts()[::every][: self.config.eval_prompts]
         return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
 
     def prepare_data(self, dataset):
@@ -353,17 +353,18 @@ class PretrainTrainer(LatentDiffusionTrainer):
                 f"{sum(item['loss'] for item in log[-50:]) / len(log[-50:]):.4f} (mean of the last 50 steps)."
             )
         if fidelity:
-            names = list(shapes.ATTRIBUTE_NAMES)
+            names = [name for name in judge.SUMMARY_KEYS if name != "overall"]
             lines += [
                 "",
-                f"Prompt fidelity on the held-out prompts ({fidelity[-1]['n']} prompts, "
-                f"{fidelity[-1]['sampler']}), as training went:",
+                f"Judge log: prompt fidelity on the held-out prompts ({fidelity[-1]['n']} prompts, "
+                f"{fidelity[-1]['sampler']}, `harness.judge`), as training went:",
                 "",
                 "| step | overall | " + " | ".join(names) + " |",
                 "|---" * (len(names) + 2) + "|",
             ]
             lines += [
-                f"| {row['step']} | {row['overall']:.3f} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |"
+                f"| {row['step']} | {row['overall']:.3f} | "
+                + " | ".join(f"{row[n]:.2f}" if n in row else "" for n in names) + " |"
                 for row in fidelity
             ]
         return "\n".join(lines) + "\n"
@@ -405,10 +406,10 @@ class PretrainTrainer(LatentDiffusionTrainer):
         }
         with open(self.run_dir / FIDELITY_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
-        self.log_metrics({f"fidelity/{name}": scores[name] for name in ("overall", *shapes.ATTRIBUTE_NAMES)}, step)
+        self.log_metrics({f"fidelity/{name}": value for name, value in scores.items() if name != "n"}, step)
         self.notify(
             f"step {step}: held-out fidelity {scores['overall']:.3f} "
-            + " ".join(f"{name} {scores[name]:.2f}" for name in shapes.ATTRIBUTE_NAMES)
+            + " ".join(f"{name} {value:.2f}" for name, value in scores.items() if name not in ("overall", "n"))
         )
 
 

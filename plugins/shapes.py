@@ -19,15 +19,20 @@ def data():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same files.")
 @click.option("--resolution", type=int, default=64, show_default=True,
               help=f"Image side in pixels: a multiple of 8, at least {shapes.MIN_RESOLUTION}.")
-def shapes_command(out, n, seed, resolution):
+@click.option("--grammar", type=click.Choice(shapes.GRAMMARS), default="open", show_default=True,
+              help="open: captions leave shape, colour, size, place or background unsaid, one to three objects "
+                   "(harness.scenes); closed: every caption fixes the whole picture (the first embedded model's data).")
+def shapes_command(out, n, seed, resolution, grammar):
     """Write a captioned data set of coloured shapes on plain backgrounds.
 
-    Captions read like "a small red circle at the top on a blue background". Writes OUT/images/000000.png
-    and OUT/captions/000000.txt, ..., the layout `harness train --data_dir` reads. The 64 held-out
-    evaluation captions of harness.shapes.held_out_prompts() never occur.
+    Open captions read like "two blue squares on a white background" or "a large shape at the top";
+    closed ones like "a small red circle at the top on a blue background". Writes OUT/images/000000.png
+    and OUT/captions/000000.txt, ..., the layout `harness train --data_dir` reads. No held-out evaluation
+    combination (`--prompts held-out`, or held-out-closed for the closed grammar) ever occurs.
     """
-    folder = shapes.write_dataset(out, n, seed, resolution)
-    click.echo(f"wrote {n} images and captions ({resolution}x{resolution}, seed {seed}) to {folder}")
+    folder = shapes.write_dataset(out, n, seed, resolution, grammar)
+    click.echo(f"wrote {n} images and captions ({resolution}x{resolution}, seed {seed}, {grammar} grammar) "
+               f"to {folder}")
 
 
 @harness.hookimpl

@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
-# The embedded model's whole recipe: data, VAE + UNet + text encoder (pretrain), the few-step LoRA
-# (distill), the evaluation table, and the export into harness/weights/ (what --model embedded loads).
+# The embedded model's whole recipe: open-caption data, VAE + UNet + text encoder (pretrain), three
+# few-step LoRAs (distill, lcm, flash), the lab's leaderboard, and the export into harness/weights/
+# (what --model embedded loads).
 #
-#   nohup ./scripts/build_embedded_model.sh WORK_DIR > build.log 2>&1 &    # ~1.5 h on a 2-core CPU
+#   nohup ./scripts/build_embedded_model.sh WORK_DIR > build.log 2>&1 &    # ~2.5 h on a 2-core CPU
 #
-# Every stage resumes from its newest checkpoint, so running the same command again after a stop
-# continues where it left off. Nothing is written into the repository before the export step.
+# Every stage resumes from its newest checkpoint, and finished evaluations are kept, so running the same
+# command again after a stop continues where it left off. Nothing is written into the repository before
+# the export step. STAGES=teacher stops after pretraining; STAGES=loras after the LoRAs.
 set -euo pipefail
 WORK=${1:?usage: build_embedded_model.sh WORK_DIR}
+STAGES=${STAGES:-all}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 if [ ! -d "$WORK/shapes" ]; then
-  log "data: 12,000 captioned shapes"
-  harness data shapes --out "$WORK/shapes" --n 12000 --seed 0 --resolution 64
+  log "data: 20,000 open captions (harness.scenes): one to three objects, most of the picture left open"
+  harness data shapes --out "$WORK/shapes" --n 20000 --seed 0 --resolution 64 --grammar open
 fi
 
 log "pretrain: VAE, then UNet + text encoder"
 harness train --plugin pretrain --data_dir "$WORK/shapes" --output_dir "$WORK" --run_name embedded \
   --vae_steps 1500 --max_steps 6000 --seed 0 --eval_every 1000 --resume_from_checkpoint latest
 TEACHER="$WORK/embedded/model/final"
+[ "$STAGES" = teacher ] && exit 0
 
-log "distill: the few-step LoRA (trajectory distillation from the 30-step CFG-7.5 teacher)"
-harness train --plugin distill --model "$TEACHER" --data_dir "$WORK/shapes" --output_dir "$WORK" \
-  --run_name flash_lora --max_steps 400 --batch_size 8 --grad_accum 1 --learning_rate 1e-3 \
-  --teacher_steps 30 --student_steps 2 4 8 --lora_rank 8 --lora_alpha 8 --cache_latents --seed 0 \
-  --checkpointing_steps 100 --resume_from_checkpoint latest
+# The three LoRAs share the budget: 400 optimizer steps of batch 8, rank 8, AdamW 1e-3, from the teacher
+# at CFG 7.5 (the guidance the lab's teacher row samples with), sampled like local-student.
+LORA=(--model "$TEACHER" --data_dir "$WORK/shapes" --output_dir "$WORK" --max_steps 400 --batch_size 8
+      --grad_accum 1 --learning_rate 1e-3 --lora_rank 8 --lora_alpha 8 --cache_latents --seed 0
+      --checkpointing_steps 100 --resume_from_checkpoint latest)
 
-log "lcm: the consistency-distilled LoRA, for comparison (teacher guidance fixed at the teacher's 7.5)"
-harness train --plugin lcm --model "$TEACHER" --data_dir "$WORK/shapes" --output_dir "$WORK" \
-  --run_name lcm_lora --max_steps 400 --batch_size 8 --grad_accum 1 --learning_rate 1e-3 \
-  --w_min 6.5 --w_max 6.5 --lora_rank 8 --lora_alpha 8 --cache_latents --seed 0 \
-  --checkpointing_steps 100 --resume_from_checkpoint latest
+log "distill: trajectory distillation from the 30-step CFG-7.5 teacher"
+harness train --plugin distill "${LORA[@]}" --run_name distill_lora --teacher_steps 30 --student_steps 1 2 4 8
 
-log "evaluation on the 64 held-out prompts: undistilled, distill (flash-lcm) and lcm (local-student)"
-harness eval --model "$TEACHER" --sampler undistilled flash-lcm local-student \
-  --lora_id "$WORK/flash_lora/lora/final" --lora_path "$WORK/lcm_lora/lora/final" --steps 2 4 8 \
-  --prompts held-out --seed 0 --metric fidelity psnr --warmup 0 --repeats 1 --outdir "$WORK/eval" --quiet
+log "lcm: latent consistency distillation (teacher guidance fixed at the teacher's 7.5)"
+harness train --plugin lcm "${LORA[@]}" --run_name lcm_lora --w_min 6.5 --w_max 6.5
 
-# The winner at 4 steps (fidelity, then PSNR against the teacher) ships; pass its folder as WINNER.
-WINNER=${WINNER:-$WORK/flash_lora/lora/final}
-log "export the teacher and $WINNER into harness/weights/"
-python "$HERE/scripts/export_embedded.py" "$TEACHER" "$WINNER"
+log "flash: Flash Diffusion, four phases of 100 steps, 16 solver steps, guidance 7.5"
+harness train --plugin flash "${LORA[@]}" --run_name flash_lora --phase_steps 100 100 100 100 \
+  --teacher_steps 16 --guidance_min 7.5 --guidance_max 7.5 --discriminator_learning_rate 1e-4
+[ "$STAGES" = loras ] && exit 0
+
+# The lab: the 64 held-out prompts, 4 seeds each, fidelity and coverage at 1, 2, 4 and 8 steps. The
+# teacher runs once (harness eval's baseline, beside the undistilled model); each LoRA runs in its own folder.
+EVAL=(--model "$TEACHER" --prompts held-out --num_images 4 --seed 100 --steps 1 2 4 8 --metric fidelity coverage
+      --warmup 1 --repeats 1 --quiet)
+run_once() { local out=$1; shift; [ -f "$out/records.jsonl" ] || "$@" --outdir "$out"; }
+log "lab: teacher and undistilled"
+run_once "$WORK/lab/teacher" harness eval --sampler undistilled "${EVAL[@]}"
+for name in distill lcm flash; do
+  log "lab: the $name LoRA"
+  run_once "$WORK/lab/$name" harness bench --sampler local-student --lora_path "$WORK/${name}_lora/lora/final" "${EVAL[@]}"
+done
+log "lab: tcd (TCDScheduler, gamma 0.3) on the flash LoRA"
+run_once "$WORK/lab/tcd" harness bench --sampler tcd --lora_path "$WORK/flash_lora/lora/final" "${EVAL[@]}"
+harness leaderboard "$WORK/lab/teacher" "$WORK/lab/distill" "$WORK/lab/lcm" "$WORK/lab/flash" "$WORK/lab/tcd" \
+  --label "$WORK/lab/distill=distill" --label "$WORK/lab/lcm=lcm" --label "$WORK/lab/flash=flash" \
+  --label "$WORK/lab/tcd=flash" --metric fidelity --outdir "$WORK/lab/leaderboard"
+
+# The LoRA with the best mean fidelity at 2 and 4 steps ships; pass WINNER=distill|lcm|flash to choose.
+WINNER=${WINNER:-$(python "$HERE/scripts/lab_winner.py" "$WORK/lab/leaderboard/leaderboard.json" distill lcm flash)}
+log "export the teacher and the $WINNER LoRA into harness/weights/"
+python "$HERE/scripts/export_embedded.py" "$TEACHER" "$WORK/${WINNER}_lora/lora/final"

@@ -81,7 +81,7 @@ def test_no_quality_metric_runs_on_random_weights(tmp_path):
 def test_unknown_metric_lists_the_known_ones():
     result = invoke("bench", "--dry-run", "--metric", "fid")
     assert result.exit_code == 2
-    assert "unknown metric 'fid'; known metrics: clip-score, fidelity, psnr, ssim." in result.output
+    assert "unknown metric 'fid'; known metrics: clip-score, coverage, fidelity, psnr, ssim." in result.output
 
 
 def test_plugins_lists_metrics():
@@ -92,18 +92,56 @@ def test_plugins_lists_metrics():
 
 
 def test_fidelity_is_perfect_on_renders_of_the_prompt_and_low_on_other_prompts():
+    import random
+
     import torch
     from harness_plugins.fidelity import FidelityMetric
 
     from harness.metric import MetricConfig, MetricInput
+    from harness.scenes import draw_scene, render_scene, sample_caption
     from harness.shapes import all_attributes, caption, render
 
-    attributes = all_attributes()[::97]
-    images = [render(attrs) for attrs in attributes]
-    prompts = [caption(attrs) for attrs in attributes]
+    rng = random.Random(0)
+    captions = [sample_caption(rng) for _ in range(40)]
+    images = [render_scene(draw_scene(text, rng)) for text in captions]
+    prompts = [text.text() for text in captions]
     metric = FidelityMetric(MetricConfig(torch.device("cpu")))
-    assert metric.score(MetricInput(images, prompts))["value"] == 1.0
+    scores = metric.score(MetricInput(images, prompts))
+    assert scores["value"] == scores["overall"] == scores["commitment"] == 1.0 and scores["n"] == 40
     assert metric.score(MetricInput(images, prompts[1:] + prompts[:1]))["value"] < 0.6
+    # Prompts of the closed grammar are prompts of the open one.
+    closed = all_attributes()[::97]
+    assert metric.score(MetricInput([render(attrs) for attrs in closed], [caption(attrs) for attrs in closed]))[
+        "value"] == 1.0
+
+
+def test_coverage_is_high_on_independent_renders_and_low_on_one_repeated_layout():
+    import random
+
+    import torch
+    from harness_plugins.fidelity import CoverageMetric
+
+    from harness.errors import HarnessError
+    from harness.metric import MetricConfig, MetricInput
+    from harness.scenes import draw_scene, held_out_prompts, parse, render_scene
+
+    def pictures(scene_rng):
+        return [render_scene(draw_scene(parse(text), scene_rng(text, seed), allow_held_out=True))
+                for text in held_out_prompts() for seed in range(4)]
+
+    prompts = [text for text in held_out_prompts() for _ in range(4)]
+    metric = CoverageMetric(MetricConfig(torch.device("cpu")))
+    scores = metric.score(MetricInput(pictures(lambda text, seed: random.Random(f"{text}/{seed}")), prompts))
+    assert scores["value"] >= 0.85 and scores["n"] == 256
+    assert {"tv_size", "tv_position", "tv_background"} <= set(scores)
+    one_layout = metric.score(MetricInput(pictures(lambda text, seed: random.Random(0)), prompts))
+    assert one_layout["value"] <= scores["value"] - 0.25
+
+    closed = "a small red circle at the top on a blue background"
+    with pytest.raises(HarnessError, match="at least one attribute open; e.g. 'two blue squares"):
+        metric.score(MetricInput([picture()], [closed]))
+    with pytest.raises(HarnessError, match="coverage scores prompts of the shapes grammar only"):
+        metric.score(MetricInput([picture()], ["a cat wearing sunglasses"]))
 
 
 def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompts(tmp_path, embedded_model):
@@ -113,8 +151,10 @@ def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompt
     assert result.exit_code == 0, result.output
     [record] = record_json(outdir)
     scores = record["metrics"]["fidelity"]
-    assert set(scores) == {"value", "shape", "colour", "background", "position", "size", "overall", "n",
-                           "higher_is_better"}
+    # The prompt states all five attributes; the judge adds count, commitment and overall.
+    assert set(scores) == {"value", "overall", "commitment", "count", "shape", "colour", "background", "position",
+                           "size", "n", "higher_is_better"}
+    assert scores["value"] == scores["overall"]
     assert 0 <= scores["value"] <= 1 and scores["n"] == 1
 
     result = invoke("bench", "--steps", "2", "--metric", "fidelity", "--outdir", tmp_path / "other",

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from harness.report import GAP, LABEL_HEIGHT, MIN_TILE
-from harness.shapes import held_out_prompts, write_dataset
+from harness.scenes import held_out_prompts
+from harness.shapes import write_dataset
 from tests.conftest import invoke, record_json
 from tests.test_train_data import write_shapes
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from harness.shapes import ATTRIBUTE_NAMES, write_dataset
+from harness.shapes import write_dataset
 from tests.conftest import invoke
 
 # Tiny widths and a handful of steps: the stages, files and resume logic, not the quality.
@@ -59,7 +59,9 @@ def test_the_decoder_stage_keeps_the_encoder(straight):
 def test_fidelity_is_logged_as_training_goes_and_lands_in_the_model_card(straight):
     lines = [json.loads(line) for line in (straight / "fidelity.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
-    assert all(line["n"] == 2 and 0 <= line["overall"] <= 1 and set(ATTRIBUTE_NAMES) <= line.keys() for line in lines)
+    # The two prompts judged ("a red circle", "two blue squares") state shape and colour.
+    judged = {"overall", "commitment", "count", "shape", "colour"}
+    assert all(line["n"] == 2 and 0 <= line["overall"] <= 1 and judged <= line.keys() for line in lines)
     card = (straight / "model" / "final" / "README.md").read_text()
     assert "harness train --plugin pretrain" in card and "| 4 |" in card
 
