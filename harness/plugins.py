@@ -39,6 +39,8 @@ DEFAULT_PLUGINS = (
     "harness_plugins.distill",
     "harness_plugins.pretrain",
     "harness_plugins.undistilled",
+    "harness_plugins.tcd",
+    "harness_plugins.dpm_solver",
     "harness_plugins.lcm",
     "harness_plugins.flash",
     "harness_plugins.shapes",

@@ -538,6 +538,11 @@ class BenchRun:
                 f"({prompts} prompt(s) x {calls // prompts} call(s) each); launch at most that many "
                 "processes, or give more prompts with --prompts."
             )
+        # Each sampler's cheap checks (a LoRA preset missing from the offline cache, a step count it has no weights
+        # for) before the run folder exists: a run that cannot start leaves nothing behind.
+        for name in dict.fromkeys(task.sampler for task in self.plan.tasks):
+            steps = [task.steps for task in self.plan.tasks if task.sampler == name]
+            registry.sampler(name).cls(self.sampler_config(), spec.sampler_options.get(name)).preflight(steps)
         guided = any(task.guidance_scale > 1 for task in self.plan.tasks)  # diffusers' test for guidance
         resources.refuse_what_cannot_fit(self.model, self.device, self.dtype, spec.speed, spec.height, spec.width,
                                          self.plan.images_per_call, guided)
@@ -552,6 +557,10 @@ class BenchRun:
         # on_warning is looked up at each warning: the CLI sets it after the run is made.
         self.scorer = Scorer(self.metrics, self.model.note if self.model.random_weights else None,
                              lambda message: self.on_warning(message))
+
+    def sampler_config(self) -> SamplerConfig:
+        spec = self.spec
+        return SamplerConfig(self.model, self.device, self.dtype, spec.lora_path, spec.lora_id, spec.speed)
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -600,10 +609,7 @@ class BenchRun:
 
     def _run_sampler(self, name: str, tasks: list[Task]) -> None:
         cls = self.registry.sampler(name).cls
-        config = SamplerConfig(
-            self.model, self.device, self.dtype, self.spec.lora_path, self.spec.lora_id, self.spec.speed
-        )
-        sampler = cls(config, self.spec.sampler_options.get(name))
+        sampler = cls(self.sampler_config(), self.spec.sampler_options.get(name))
         try:
             try:
                 _, load_s = timing.timed(sampler.load, self.device)

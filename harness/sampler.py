@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -105,6 +106,10 @@ class Sampler(ABC):
     def check(self, request: GenerationRequest) -> list[str]:
         """Raise HarnessError if ``request`` cannot run; return warnings worth showing the user."""
         return []
+
+    def preflight(self, steps: Sequence[int]) -> None:
+        """Raise HarnessError if this sampler cannot run ``steps`` as configured; cheap, before :meth:`load`
+        (nothing is loaded, only settings and local caches are read). Default: nothing to check."""
 
     def components(self) -> dict[str, torch.nn.Module]:
         """Modules named ``text_encoder``, ``denoiser`` and ``decoder``, where the sampler has them."""

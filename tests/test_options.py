@@ -92,7 +92,8 @@ def test_prompt_file_lines_and_jsonl(tmp_path):
         (["--height", "100"], "--height 100 is not a multiple of 8; pick e.g. 96."),
         (
             ["--sampler", "nope"],
-            "unknown sampler 'nope'; known samplers: flash-lcm, local-student, undistilled, vanilla-sd.",
+            "unknown sampler 'nope'; known samplers: dpm-solver, flash-lcm, local-student, tcd, undistilled, "
+            "vanilla-sd.",
         ),
         (["--prompt", "x", "--prompts", "p.txt"], "pass either --prompt or --prompts, not both."),
         (["--prompt", "   "], "--prompt is empty"),
@@ -127,12 +128,15 @@ def test_eval_is_bench_with_the_student_against_the_baseline():
 
 
 def test_built_in_prompt_sets(tmp_path, monkeypatch):
+    from harness import scenes, shapes
     from harness.prompts import SEED_PROMPTS
-    from harness.shapes import held_out_prompts, parse_caption
 
     held_out = plan("--prompts", "held-out")["spec"]["prompts"]
-    assert held_out == held_out_prompts() and len(held_out) == 64
-    assert all(parse_caption(prompt) for prompt in held_out)
+    assert held_out == scenes.held_out_prompts() and len(held_out) == 64
+    assert all(scenes.parse(prompt).is_held_out() for prompt in held_out)
+    closed = plan("--prompts", "held-out-closed")["spec"]["prompts"]
+    assert closed == shapes.held_out_prompts() and len(closed) == 64
+    assert all(shapes.is_held_out(shapes.parse_caption(prompt)) for prompt in closed)
     assert plan("--prompts", "seed")["spec"]["prompts"] == list(SEED_PROMPTS)
     # A user's file of the same name is never shadowed by a built-in set.
     monkeypatch.chdir(tmp_path)
@@ -144,4 +148,4 @@ def test_unknown_prompt_set_names_the_sets():
     result = invoke("bench", "--dry-run", "--prompts", "no-such-set")
     assert result.exit_code == 2
     assert "--prompts 'no-such-set' is neither a file nor a built-in prompt set" in result.output
-    assert "held-out, seed" in result.output
+    assert "held-out, held-out-closed, seed" in result.output
