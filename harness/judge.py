@@ -2,13 +2,17 @@
 
 It reads a picture back from pixels, with no model, the same way every time (``read()``):
 
-1. background: the per-channel median of the outermost ring of pixels (objects keep a margin, so the
-   border is background);
-2. ink: pixels farther than ``MIN_CONTRAST`` from the background;
-3. objects: 4-connected regions of *solid* ink - pixels within ``SOLID_TOLERANCE`` of one palette
-   colour of ``shapes.COLOURS`` (and nearer to it than to the background) - of one colour and at least
-   ``MIN_OBJECT_AREA`` of the picture. Each grows to every connected pixel nearer to its colour than to
-   the background (a halfway threshold, so blur moves no edge), and is read like a render:
+1. background: named by the palette colour nearest to the per-channel median of the outermost ring of
+   pixels (objects keep a margin, so the border is background); its colour as drawn is the median of the
+   inner pixels nearest to that palette colour (a decoder's padding tints the outermost pixels, and its
+   colours drift);
+2. ink: pixels farther than ``MIN_CONTRAST`` from the background, outside the outermost ``BORDER_BAND``
+   (which never holds an object);
+3. objects: 4-connected regions of *solid* ink - pixels whose distance to their nearest palette colour
+   of ``shapes.COLOURS`` is under ``SOLID_SHARE`` of that colour's distance to the background as drawn
+   (a decoder's drift keeps a colour solid; a ghost, a mix with the background, is not) - of one colour
+   and at least ``MIN_OBJECT_AREA`` of the picture. Each grows to every connected pixel nearer to its
+   colour than to the background (a halfway threshold, so blur moves no edge), and is read like a render:
    - position: the anchor of ``shapes.ANCHORS`` nearest to the centre of its bounding box;
    - size: large when the box's longer side exceeds ``LARGE_ABOVE`` of the image side;
    - shape: a triangle (apex up) when less than ``TRIANGLE_BELOW`` of it lies in the upper half of its
@@ -23,8 +27,8 @@ one of ``harness.shapes``):
 
 - each attribute the caption states: background right or not; shape, colour, size and position as the
   share of the objects that show it (no object: 0);
-- **commitment**: the picture shows exactly the stated number of objects and its solidity is at least
-  ``SOLID_MIN``;
+- **commitment**: the picture shows exactly the stated number of objects, its solidity is at least
+  ``SOLID_MIN``, and its background is a palette colour (within ``BACKGROUND_TOLERANCE``), not a mix;
 - ``overall`` = half commitment, half the mean of the stated attributes' scores (commitment alone when
   the caption states none). A picture that does not commit to one image - a smear, or the mean of layouts
   that lie further apart than an object's edge - scores at most 0.5. (Layouts of a caption that names a
@@ -67,12 +71,19 @@ SQUARE_ABOVE = (1.0 + np.sqrt(2)) / 2
 # Below this RGB distance from the background a pixel is background. The closest two named colours are
 # 94 apart; the 99th percentile of noise with sigma 8 per channel is 27.
 MIN_CONTRAST = 40.0
-# Within this RGB distance of a palette colour a pixel is solid: under half the closest pair's distance.
-SOLID_TOLERANCE = 45.0
+# A pixel is solid when it lies within this share of the way from its nearest palette colour to the
+# background: a layout ghost (1/8 to 3/8 of the colour) or an anti-aliased edge is not.
+SOLID_SHARE = 0.4
 # The smallest object (a small triangle) covers about 1.3% of the picture; specks below this are none.
 MIN_OBJECT_AREA = 0.004
-EDGE_PIXELS = 2
+EDGE_PIXELS = 3
+# The outermost band that never holds an object: scenes.MARGIN, as a fraction of the side. A decoder's
+# padding draws a ring of off-colour pixels about that wide.
+BORDER_BAND = scenes.MARGIN
 SOLID_MIN = 0.9
+# A background drawn farther than this from its palette colour is a mix, not a background: three quarters
+# of the closest two palette colours' distance (94), above a decoder's drift (about 45 RGB).
+BACKGROUND_TOLERANCE = 70.0
 REFERENCE_DRAWS = 32
 PER_OBJECT = ("shape", "colour", "size", "position")
 MISSING = "none"
@@ -94,6 +105,7 @@ class Reading:
     background: str
     objects: tuple[SeenObject, ...]  # largest first
     solidity: float
+    background_drift: float = 0.0  # RGB distance of the background as drawn from its palette colour
 
 
 def _components(labels: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -151,16 +163,25 @@ def read(image: Image.Image) -> Reading:
     pixels = np.asarray(image.convert("RGB"), dtype=float)
     height, width = pixels.shape[:2]
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    background_rgb = np.median(border, axis=0)
-    background_index = int(np.argmin(np.linalg.norm(_PALETTE - background_rgb, axis=1)))
-    to_background = np.linalg.norm(pixels - background_rgb, axis=2)
-    ink = to_background > MIN_CONTRAST
-
+    # The border's median names the background. Its colour as drawn is the median of the inner pixels nearest
+    # to that palette colour: a decoder's padding tints the outermost pixels, and its colours drift.
+    background_index = int(np.argmin(np.linalg.norm(_PALETTE - np.median(border, axis=0), axis=1)))
+    band = max(1, round(BORDER_BAND * min(height, width)))
+    inner = np.zeros((height, width), dtype=bool)
+    inner[band:-band, band:-band] = True
     to_palette = np.linalg.norm(pixels[:, :, None, :] - _PALETTE, axis=3)  # (H, W, colours)
+    like_background = inner & (np.argmin(to_palette, axis=2) == background_index)
+    background_rgb = np.median(pixels[like_background] if like_background.any() else border, axis=0)
+    to_background = np.linalg.norm(pixels - background_rgb, axis=2)
+    # Objects keep MARGIN from the border: ink in the outermost band is a decoder's edge, not a picture's.
+    ink = inner & (to_background > MIN_CONTRAST)
+
     to_palette[:, :, background_index] = np.inf
     nearest = np.argmin(to_palette, axis=2)
     to_nearest = np.take_along_axis(to_palette, nearest[:, :, None], axis=2)[:, :, 0]
-    solid = ink & (to_nearest < SOLID_TOLERANCE) & (to_nearest < to_background)
+    # How far the nearest colour lies from the background as drawn.
+    spread = np.linalg.norm(_PALETTE - background_rgb, axis=1)[nearest]
+    solid = ink & (to_nearest < SOLID_SHARE * spread)
     labels = np.where(solid, nearest, -1)
 
     objects: list[SeenObject] = []
@@ -182,7 +203,8 @@ def read(image: Image.Image) -> Reading:
     ink_count = int(ink.sum())
     near_objects = _dilate(claimed, EDGE_PIXELS)
     solidity = float((ink & near_objects).sum() / ink_count) if ink_count else 1.0
-    return Reading(_PALETTE_NAMES[background_index], tuple(objects), solidity)
+    drift = float(np.linalg.norm(background_rgb - _PALETTE[background_index]))
+    return Reading(_PALETTE_NAMES[background_index], tuple(objects), solidity, drift)
 
 
 def score(reading: Reading, caption: scenes.Caption) -> dict[str, float]:
@@ -196,7 +218,8 @@ def score(reading: Reading, caption: scenes.Caption) -> dict[str, float]:
             matches = [getattr(item, name) == wanted for item in reading.objects]
             scores[name] = float(np.mean(matches)) if matches else 0.0
     scores["count"] = float(len(reading.objects) == caption.count)
-    scores["commitment"] = float(scores["count"] and reading.solidity >= SOLID_MIN)
+    scores["commitment"] = float(scores["count"] and reading.solidity >= SOLID_MIN
+                                 and reading.background_drift < BACKGROUND_TOLERANCE)
     stated = [scores[name] for name in caption.stated]
     scores["overall"] = 0.5 * scores["commitment"] + 0.5 * float(np.mean(stated)) if stated else scores["commitment"]
     return scores

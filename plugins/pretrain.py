@@ -326,8 +326,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "",
             "Stable Diffusion 1.5's architecture at a tiny size (64x64 images, "
             f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size}x4 latents), trained by "
-            "`harness train --plugin pretrain` on the synthetic shapes captions of `harness.shapes` "
-            '("a small red circle at the top on a blue background"). It loads with '
+            "`harness train --plugin pretrain` on the synthetic shapes captions of `harness data shapes` "
+            '("two blue squares on a white background", "a large shape at the top"). It loads with '
             "`StableDiffusionPipeline.from_pretrained` and draws what such captions say; anything else "
             "it draws badly.",
             "",

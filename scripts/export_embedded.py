@@ -3,7 +3,8 @@
     python scripts/export_embedded.py MODEL_DIR LORA_DIR [--card CARD.md]
 
 MODEL_DIR is the ``final/`` folder of ``harness train --plugin pretrain``, LORA_DIR the ``final/`` folder of
-``harness train --plugin distill``; they replace ``harness/weights/`` (what ``--model embedded`` loads).
+the few-step LoRA that won the lab (``harness train --plugin distill``, ``lcm`` or ``flash``); they replace
+``harness/weights/`` (what ``--model embedded`` loads).
 """
 
 from __future__ import annotations

@@ -69,9 +69,8 @@ def independent():
 
 
 def assert_all_right(results):
-    """Every picture commits, and every stated attribute averages at least 0.99."""
-    assert all(result["commitment"] == 1.0 for result in results), [r for r in results if r["commitment"] < 1]
-    for name in ("overall", "count", *scenes.OPEN_ATTRIBUTES):
+    """Commitment, the count, every stated attribute and overall each average at least 0.99."""
+    for name in ("overall", "commitment", "count", *scenes.OPEN_ATTRIBUTES):
         values = [result[name] for result in results if name in result]
         assert values and np.mean(values) >= 0.99, (name, np.mean(values))
 
