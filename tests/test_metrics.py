@@ -138,7 +138,7 @@ def test_coverage_is_high_on_independent_renders_and_low_on_one_repeated_layout(
     assert one_layout["value"] <= scores["value"] - 0.25
 
     closed = "a small red circle at the top on a blue background"
-    with pytest.raises(HarnessError, match="at least one attribute open; e.g. 'two blue squares"):
+    with pytest.raises(HarnessError, match="at least two pictures of a caption that leaves something open"):
         metric.score(MetricInput([picture()], [closed]))
     with pytest.raises(HarnessError, match="coverage scores prompts of the shapes grammar only"):
         metric.score(MetricInput([picture()], ["a cat wearing sunglasses"]))

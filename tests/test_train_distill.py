@@ -177,10 +177,10 @@ def test_help_lists_the_trainers_options_in_both_spellings_with_the_seeds_defaul
 def test_unknown_or_missing_plugin_lists_the_trainers():
     result = invoke("train", "--plugin", "nope", "--max_steps", "3")
     assert result.exit_code == 2
-    assert "unknown trainer 'nope'; known trainers: distill, lcm, pretrain." in result.output
+    assert "unknown trainer 'nope'; known trainers: distill, flash, lcm, pretrain." in result.output
     result = invoke("train", "--max_steps", "3")
-    assert result.exit_code == 2 and "installed trainers: distill, lcm, pretrain" in result.output
-    assert "Installed trainers: distill, lcm, pretrain." in invoke("train", "--help").output
+    assert result.exit_code == 2 and "installed trainers: distill, flash, lcm, pretrain" in result.output
+    assert "Installed trainers: distill, flash, lcm, pretrain." in invoke("train", "--help").output
 
 
 def test_data_problems_end_in_one_line(tmp_path):
