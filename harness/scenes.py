@@ -57,6 +57,7 @@ from harness.shapes import (
     SHAPES,
     SUPERSAMPLING,
     check_resolution,
+    draw_object,
 )
 
 COUNTS = (1, 2, 3)
@@ -252,16 +253,7 @@ def render_scene(scene: Scene, resolution: int = 64) -> Image.Image:
     image = Image.new("RGB", (side, side), COLOURS[scene.background])
     draw = ImageDraw.Draw(image)
     for item in scene.objects:
-        # Box edges on whole pixels of the final image, so that blur moves no edge the judge measures.
-        left, top, right, bottom = (round(fraction * resolution) * SUPERSAMPLING for fraction in item.box)
-        right, bottom = right - 1, bottom - 1  # PIL includes the end coordinates
-        fill = COLOURS[item.colour]
-        if item.shape == "circle":
-            draw.ellipse((left, top, right, bottom), fill=fill)
-        elif item.shape == "square":
-            draw.rectangle((left, top, right, bottom), fill=fill)
-        else:
-            draw.polygon((((left + right) / 2, top), (right, bottom), (left, bottom)), fill=fill)
+        draw_object(draw, item.shape, item.colour, item.box, resolution)
     return image.reduce(SUPERSAMPLING)
 
 

@@ -168,27 +168,33 @@ def check_resolution(resolution: int) -> None:
                            "pick e.g. 64.")
 
 
+def draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str, box: tuple[float, float, float, float],
+                resolution: int) -> None:
+    """Draw one shape on a ``SUPERSAMPLING`` times larger canvas; ``box`` is (left, top, right, bottom) as
+    fractions of the image side."""
+    # The box's edges are rounded to whole pixels of the final image, so that a square's sides are sharp
+    # and a blurred edge is centred where the judge's halfway threshold expects it.
+    left, top, right, bottom = (round(fraction * resolution) * SUPERSAMPLING for fraction in box)
+    # PIL's shapes include their end coordinates: the last supersampled pixel inside the box is one less.
+    right, bottom = right - 1, bottom - 1
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif shape == "square":
+        draw.rectangle((left, top, right, bottom), fill=fill)
+    else:
+        draw.polygon((((left + right) / 2, top), (right, bottom), (left, bottom)), fill=fill)
+
+
 def render(attrs: ShapeAttributes, resolution: int = 64) -> Image.Image:
     """The picture of ``attrs``: an RGB image, the same pixels on every call."""
     check_resolution(resolution)
     anchor_x, anchor_y = ANCHORS[attrs.position]
     half = SIZES[attrs.size] / 2
-    # The box's edges are rounded to whole pixels of the final image, so that a square's sides are sharp
-    # and a blurred edge is centred where the judge's halfway threshold expects it.
-    left, top, right, bottom = (round(fraction * resolution) * SUPERSAMPLING for fraction in
-                                (anchor_x - half, anchor_y - half, anchor_x + half, anchor_y + half))
-    # PIL's shapes include their end coordinates: the last supersampled pixel inside the box is one less.
-    right, bottom = right - 1, bottom - 1
     side = resolution * SUPERSAMPLING
     image = Image.new("RGB", (side, side), COLOURS[attrs.background])
-    draw = ImageDraw.Draw(image)
-    fill = COLOURS[attrs.colour]
-    if attrs.shape == "circle":
-        draw.ellipse((left, top, right, bottom), fill=fill)
-    elif attrs.shape == "square":
-        draw.rectangle((left, top, right, bottom), fill=fill)
-    else:
-        draw.polygon((((left + right) / 2, top), (right, bottom), (left, bottom)), fill=fill)
+    draw_object(ImageDraw.Draw(image), attrs.shape, attrs.colour,
+                (anchor_x - half, anchor_y - half, anchor_x + half, anchor_y + half), resolution)
     return image.reduce(SUPERSAMPLING)
 
 

@@ -51,7 +51,6 @@ from harness.errors import HarnessError
 from harness.training import LoraTrainConfig, LoraTrainer, setting
 from harness.training.diffusion import CLEAN
 
-SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # the paper's boundary scalings use t / 0.1
 PAPER_MODE_PROBS = (0.0, 0.0, 0.5, 0.5, 0.1, 0.3, 0.3, 0.3, 0.25, 0.25, 0.25, 0.25, 0.4, 0.2, 0.2, 0.2)
 PAPER_DMD_SCALES = (0.0, 0.3, 0.5, 0.7)
@@ -258,8 +257,8 @@ class FlashTrainer(LoraTrainer):
 
         with torch.no_grad(), self.base_model() as teacher:
             target = self._solve(teacher, x_t, self.solver_timesteps[start:], conditions, guidance)
-        student = self._consistency(self.model(x_t, timesteps, encoder_hidden_states=conditions).sample.float(),
-                                    x_t, timesteps)
+        student = self.schedule.consistency(self.model(x_t, timesteps, encoder_hidden_states=conditions)
+                                            .sample.float(), x_t, timesteps, TIMESTEP_SCALING)
         difference = student - target
         loss = config.distill_loss_scale[phase] * (difference.abs().mean() if config.distill_loss == "l1"
                                                    else difference.pow(2).mean())
@@ -282,13 +281,6 @@ class FlashTrainer(LoraTrainer):
             t = torch.full((x.shape[0],), current, device=x.device)
             x = self.schedule.ddim_step(self._guided(teacher, x, t, conditions, guidance), x, current, following)
         return x
-
-    def _consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """c_skip(t) x + c_out(t) x0: LCM's boundary scalings with the paper's t / 0.1."""
-        scaled = (t.float() * TIMESTEP_SCALING).view(-1, 1, 1, 1)
-        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-        return c_skip * x + c_out * self.schedule.to_clean(output, x, t)
 
     def _dmd(self, student: torch.Tensor, conditions: torch.Tensor, guidance: float,
              generator: torch.Generator) -> torch.Tensor:

@@ -33,7 +33,6 @@ from harness.errors import HarnessError
 from harness.training import LoraTrainConfig, LoraTrainer, setting
 from harness.training.lora import distance
 
-SIGMA_DATA = 0.5
 #: Few-step schedules shown in validation grids.
 VALIDATION_STEPS = (2, 4, 8)
 
@@ -150,13 +149,14 @@ class LcmTrainer(LoraTrainer):
             (size, 1, 1, 1), generator=generator, device=device)
         x_start = self.schedule.add_noise(latents, noise, start)
 
-        student = self._consistency(self.model(x_start, start, encoder_hidden_states=conditions).sample.float(),
-                                    x_start, start)
+        scaling = self.config.timestep_scaling_factor
+        student = self.schedule.consistency(self.model(x_start, start, encoder_hidden_states=conditions)
+                                            .sample.float(), x_start, start, scaling)
         with torch.no_grad():
             with self.base_model() as teacher:
                 guided = self._guided(teacher, x_start, start, conditions, w)
             x_end = self.schedule.ddim_step(guided, x_start, start, end)
-            target = self._consistency(self._target_output(x_end, end, conditions), x_end, end)
+            target = self.schedule.consistency(self._target_output(x_end, end, conditions), x_end, end, scaling)
         return distance(student, target, self.config.loss, self.config.huber_c)
 
     def _guided(self, teacher, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
@@ -164,13 +164,6 @@ class LcmTrainer(LoraTrainer):
         """The teacher's output guided at LCM's w (linear in the output, so its clean latent and noise alike)."""
         unconditional, conditional = self.teacher_outputs(teacher, x, t, conditions)
         return conditional + w * (conditional - unconditional)
-
-    def _consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """f(x, t) = c_skip x + c_out x0: the identity at t = 0, the model's clean latent at large t."""
-        scaled = (t.float() * self.config.timestep_scaling_factor).view(-1, 1, 1, 1)
-        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-        return c_skip * x + c_out * self.schedule.to_clean(output, x, t)
 
     def validation_rows(self, prompts, seed):
         """The student as local-student samples it, at a few step counts."""

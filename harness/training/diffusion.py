@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: The end of every solver path: the clean latent (alpha 1, sigma 0), "timestep -1".
 CLEAN = -1
+#: sigma_data of the consistency-model boundary scalings.
+SIGMA_DATA = 0.5
 
 
 class NoiseSchedule:
@@ -71,6 +73,15 @@ class NoiseSchedule:
         if self.prediction_type == "v_prediction":
             return sigma * x_t + alpha * output
         return (x_t - alpha * output) / sigma
+
+    def consistency(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                    timestep_scaling: float) -> torch.Tensor:
+        """f(x, t) = c_skip x + c_out x0 of consistency models (Song et al., 2023), sigma_data 0.5, with t scaled
+        by ``timestep_scaling``: the identity at t = 0, the model's clean latent at large t."""
+        scaled = (t.float() * timestep_scaling).view(-1, 1, 1, 1)
+        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+        return c_skip * x_t + c_out * self.to_clean(output, x_t, t)
 
     def ddim_step(self, output: torch.Tensor, x_t: torch.Tensor, t, t_next) -> torch.Tensor:
         """One deterministic DDIM step (Song et al., 2021) from t to t_next (CLEAN: to the clean latent)."""
