@@ -26,7 +26,8 @@ card have the figures):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 
 import harness
 from harness import embedded, judge, scenes
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
 from harness.training.checkpoints import FINAL
 
@@ -62,6 +63,10 @@ class PretrainConfig(TrainConfig):
     checkpoints_total_limit: int | None = setting(2, "Keep only the newest N checkpoints.", minimum=1)
 
     vae_path: str | None = setting(None, "A trained AutoencoderKL folder: skip the VAE stage.")
+    init_from: str | None = setting(None, "A model folder a pretrain run wrote (RUN/model/final): train its UNet and "
+                                          "text encoder on, with its VAE and scaling factor, instead of from scratch.")
+    ema_decay: float = setting(0.0, "Decay of an exponential moving average of the UNet and text encoder weights "
+                                    "(e.g. 0.999); the saved model and the judge use the average. 0: none.", minimum=0)
     vae_steps: int = setting(2000, "VAE optimizer steps.", minimum=1)
     vae_decoder_steps: int = setting(1000, "Steps of the decoder-only VAE stage (0: none).",
                                      minimum=0)
@@ -92,6 +97,17 @@ class PretrainConfig(TrainConfig):
             raise HarnessError(f"--caption_dropout {self.caption_dropout} must be in [0, 1); e.g. 0.1.")
         if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
             raise HarnessError("--vae_channels and --unet_channels need at least two widths, e.g. 64 128 128.")
+        if self.ema_decay >= 1:
+            raise HarnessError(f"--ema_decay {self.ema_decay:g} must be below 1 (an average that never moves); "
+                               "e.g. 0.999, or 0 for none.")
+        if self.init_from is not None and self.vae_path is not None:
+            raise HarnessError("--init_from brings its own VAE; drop --vae_path.")
+        if self.init_from is not None:
+            missing = [part for part in ("vae", "unet", "text_encoder", "scheduler")
+                       if not (Path(self.init_from).expanduser() / part).is_dir()]
+            if missing:
+                raise HarnessError(f"--init_from '{self.init_from}' is not a model folder (no {missing[0]}/ in it); "
+                                   "pass one a pretrain run wrote, e.g. RUN/model/final.")
 
 
 def scheduler_config(config: PretrainConfig) -> dict:
@@ -206,7 +222,11 @@ class PretrainTrainer(LatentDiffusionTrainer):
     weights_folder = "model"
 
     def train(self) -> Path:
-        if self.config.vae_path is None:
+        self._ema: dict[str, torch.Tensor] = {}
+        self._ema_updates = 0
+        if self.config.init_from is not None:
+            self.vae_folder = Path(self.config.init_from).expanduser() / "vae"
+        elif self.config.vae_path is None:
             vae_config = replace(self.config, run_name=f"{self.config.run_name}/{VAE_RUN}",
                                  max_steps=self.config.vae_steps, learning_rate=self.config.vae_learning_rate,
                                  lr_scheduler="constant", lr_warmup_steps=0, validation_prompts=())
@@ -244,10 +264,14 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self.resolution = self.resolution or vae.config.sample_size
         latent_side = self.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         scheduler = DDIMScheduler.from_config(scheduler_config(self.config))
+        if self.config.init_from is not None:
+            unet, text_encoder = self._load_init_from(scheduler)
+        else:
+            unet, text_encoder = build_unet(self.config, latent_side), build_text_encoder(self.config, tokenizer)
         self.pipe = StableDiffusionPipeline(
-            vae=vae.to(self.device), text_encoder=build_text_encoder(self.config, tokenizer).to(self.device),
-            tokenizer=tokenizer, unet=build_unet(self.config, latent_side).to(self.device), scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            vae=vae.to(self.device), text_encoder=text_encoder.to(self.device), tokenizer=tokenizer,
+            unet=unet.to(self.device), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = scheduler.config
         self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config, self.device)
@@ -256,10 +280,80 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self.eval_prompts = scenes.held_out_prompts()[::every][: self.config.eval_prompts]
         return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
 
+    def _load_init_from(self, scheduler):
+        """The UNet and text encoder of --init_from, refused if its noise schedule is not this run's."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        folder = Path(self.config.init_from).expanduser()
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+            trained_with = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise HarnessError(f"cannot load a model from --init_from '{folder}' ({one_line(error)}); pass a folder "
+                               "a pretrain run wrote (RUN/model/final).") from None
+        options = (("prediction_type", "--prediction_type"), ("rescale_betas_zero_snr", "--zero_terminal_snr"))
+        for key, option in options:
+            if trained_with.get(key) != scheduler.config[key]:
+                raise HarnessError(f"--init_from '{folder}' was trained with {key} {trained_with.get(key)}, this run "
+                                   f"has {scheduler.config[key]}; set {option} to match it.")
+        return unet, text_encoder
+
     def prepare_data(self, dataset):
         self._data_size = len(dataset)
-        self._set_scaling_factor(dataset)
+        if self.config.init_from is None:  # a model trained on keeps the scaling its UNet learned
+            self._set_scaling_factor(dataset)
         return super().prepare_data(dataset)
+
+    def _trained_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((name, p) for name, p in self.unwrapped_model.named_parameters() if p.requires_grad)
+
+    def after_optimizer_step(self) -> None:
+        """One step of the weights' exponential moving average, its decay warmed up as (1 + n) / (10 + n) so
+        the first updates do not average in the initial weights for thousands of steps."""
+        if not self.config.ema_decay:
+            return
+        if not self._ema:
+            self._ema = {name: p.detach().clone() for name, p in self._trained_parameters()}
+        self._ema_updates += 1
+        decay = min(self.config.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
+        with torch.no_grad():
+            for name, parameter in self._trained_parameters():
+                self._ema[name].lerp_(parameter.detach(), 1 - decay)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if not self._ema:
+            return {}
+        return {"ema_updates": torch.tensor(self._ema_updates),
+                **{f"ema.{name}": t.detach().cpu() for name, t in self._ema.items()}}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors and not self.config.ema_decay:
+            return super().load_extra_state(tensors)  # refuses: this run would drop the average
+        if tensors:
+            self._ema_updates = int(tensors["ema_updates"])
+            self._ema = {name[len("ema."):]: t.to(self.device)
+                         for name, t in tensors.items() if name.startswith("ema.")}
+        return None
+
+    @contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """The moving average in place of the trained weights while the block runs (nothing without one)."""
+        if not self._ema:
+            yield
+            return
+        parameters = dict(self._trained_parameters())
+        trained = {name: p.detach().clone() for name, p in parameters.items()}
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(self._ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in parameters.items():
+                    parameter.copy_(trained[name])
 
     def _set_scaling_factor(self, dataset, samples: int = 512) -> None:
         """SD's recipe: scale latents to unit standard deviation, measured on the training images."""
@@ -309,7 +403,9 @@ class PretrainTrainer(LatentDiffusionTrainer):
         return f"harness bench --sampler vanilla-sd --model {final} --metric fidelity"
 
     def save_weights(self, folder: Path) -> None:
-        self.pipe.save_pretrained(folder, safe_serialization=True)
+        # Checkpoints resume from their own copy of the trained weights; the model folder is what users load.
+        with self._averaged_weights():
+            self.pipe.save_pretrained(folder, safe_serialization=True)
         (folder / MODEL_CARD).write_text(self.model_card(), encoding="utf-8")
 
     def model_card(self) -> str:
@@ -334,18 +430,24 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "| part | parameters (M) | |",
             "|---|---|---|",
             f"| VAE | {sizes['vae']:.2f} | widths {list(pipe.vae.config.block_out_channels)}, "
-            f"scaling factor {pipe.vae.config.scaling_factor}; {config.vae_steps} steps on {config.vae_crop}px crops, "
-            f"then {config.vae_decoder_steps} decoder-only steps |",
+            f"scaling factor {pipe.vae.config.scaling_factor}; "
+            + (f"that of {config.init_from} |" if config.init_from is not None else
+               f"{config.vae_steps} steps on {config.vae_crop}px crops, then {config.vae_decoder_steps} decoder-only "
+               "steps |"),
             f"| UNet | {sizes['unet']:.2f} | widths {list(pipe.unet.config.block_out_channels)}, "
             f"{config.prediction_type}, zero terminal SNR: {config.zero_terminal_snr} |",
-            f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {config.text_width}, "
-            f"{config.text_layers} layers, trained with the UNet |",
+            f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {pipe.text_encoder.config.hidden_size}, "
+            f"{pipe.text_encoder.config.num_hidden_layers} layers, trained with the UNet |",
             "",
             f"Data: {self._data_size} captioned images from {config.data_dir or config.dataset_name}. "
             f"UNet stage: batch {config.batch_size} x "
             f"{config.gradient_accumulation_steps}, AdamW {config.learning_rate:g} ({config.lr_scheduler}, "
-            f"{config.lr_warmup_steps} warmup steps), caption dropout {config.caption_dropout:g}, seed {self.seed}.",
+            f"{config.lr_warmup_steps} warmup steps), caption dropout {config.caption_dropout:g}, seed {self.seed}"
+            + (f", weights averaged (EMA decay {config.ema_decay:g})" if config.ema_decay else "") + ".",
         ]
+        if config.init_from is not None:
+            lines.append(f"The UNet and text encoder were trained on from those of {config.init_from}; the steps "
+                         "below are this run's.")
         if log:
             last = log[-1]
             lines.append(
@@ -370,15 +472,10 @@ class PretrainTrainer(LatentDiffusionTrainer):
         return "\n".join(lines) + "\n"
 
     def validation_rows(self, prompts: Sequence[str], seed: int):
-        return [
-            (
-                prompt,
-                self.generate(
-                    prompt, self.pipe.scheduler, self.config.eval_steps, self.config.eval_guidance, [seed, seed + 1]
-                ),
-            )
-            for prompt in prompts
-        ]
+        guidance, steps = self.config.eval_guidance, self.config.eval_steps
+        with self._averaged_weights():
+            return [(prompt, self.generate(prompt, self.pipe.scheduler, steps, guidance, [seed, seed + 1]))
+                    for prompt in prompts]
 
     def on_step_end(self, report: StepReport) -> None:
         if report.step % self.config.eval_every == 0 or report.step == self.config.max_steps:
@@ -389,15 +486,11 @@ class PretrainTrainer(LatentDiffusionTrainer):
         on_step_end runs)."""
         prompts = self.eval_prompts
         images = []
-        for start in range(0, len(prompts), 16):
-            chunk = prompts[start : start + 16]
-            images += self.generate(
-                chunk,
-                self.pipe.scheduler,
-                self.config.eval_steps,
-                self.config.eval_guidance,
-                range(start, start + len(chunk)),
-            )
+        with self._averaged_weights():
+            for start in range(0, len(prompts), 16):
+                chunk = prompts[start : start + 16]
+                images += self.generate(chunk, self.pipe.scheduler, self.config.eval_steps, self.config.eval_guidance,
+                                        range(start, start + len(chunk)))
         scores = judge.judge_all(zip(images, prompts))
         line = {
             "step": step,

@@ -81,3 +81,59 @@ def test_a_bad_crop_is_one_line(tmp_path, data):
                     "--vae_crop", "12")
     assert result.exit_code == 2
     assert "--vae_crop 12 is not a multiple of 8" in result.output and "Traceback" not in result.output
+
+
+def _weights(model_folder):
+    return {part: load_file(model_folder / part / file) for part, file in
+            (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"))}
+
+
+def _same(a, b):
+    return all(a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+               for part in a)
+
+
+def test_init_from_trains_on_a_model_with_its_vae_and_scaling(tmp_path, data, straight):
+    start = straight / "model" / "final"
+    # At learning rate 0 the run must hand back the very weights it started from.
+    frozen = _train(data, tmp_path / "frozen", 1, "--init_from", start, "--learning_rate", "0")
+    assert _same(_weights(frozen / "model" / "final"), _weights(start))
+    assert not (frozen / "vae").exists()  # no VAE stage: the model's own VAE
+    moved = _train(data, tmp_path / "moved", 2, "--init_from", start)
+    assert not _same(_weights(moved / "model" / "final"), _weights(start))
+    for folder in (frozen, moved):
+        vae = json.loads((folder / "model" / "final" / "vae" / "config.json").read_text())
+        assert vae["scaling_factor"] == json.loads((start / "vae" / "config.json").read_text())["scaling_factor"]
+    assert f"trained on from those of {start}" in (moved / "model" / "final" / "README.md").read_text()
+
+
+def test_the_saved_model_is_the_weight_average_and_resumes_exactly(tmp_path, data):
+    averaged = _train(data, tmp_path / "straight", 4, "--ema_decay", "0.5")
+    final, last = averaged / "model" / "final", averaged / "model" / "checkpoint-4"
+    trained = {name[len("param."):]: t for name, t in
+               load_file(last / "training_state.safetensors").items() if name.startswith("param.")}
+    unet = _weights(final)["unet"]
+    # The model folder holds the average; the checkpoint keeps the trained weights beside it to resume from.
+    assert any(not torch.equal(unet[k], trained[f"unet.{k}"]) for k in unet)
+    assert _same(_weights(final), _weights(last))
+    assert "EMA decay 0.5" in (final / "README.md").read_text()
+    _train(data, tmp_path / "resumed", 2, "--ema_decay", "0.5")
+    resumed = _train(data, tmp_path / "resumed", 4, "--ema_decay", "0.5", "--resume_from_checkpoint", "latest")
+    assert _same(_weights(resumed / "model" / "final"), _weights(final))
+
+
+def test_resuming_an_averaged_run_without_the_average_is_refused(tmp_path, data):
+    _train(data, tmp_path, 2, "--ema_decay", "0.5")
+    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", tmp_path,
+                    "--max_steps", 4, *TINY, "--resume_from_checkpoint", "latest")
+    assert result.exit_code != 0 and "ema" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (("--ema_decay", "1"), "--ema_decay 1 must be below 1"),
+    (("--init_from", "nowhere"), "--init_from 'nowhere' is not a model folder (no vae/ in it)"),
+])
+def test_bad_init_and_average_settings_are_one_line(tmp_path, data, option, message):
+    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", tmp_path / "out", *option)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
