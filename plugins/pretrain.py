@@ -51,7 +51,8 @@ class PretrainConfig(TrainConfig):
 
     run_name: str = setting("embedded", "Folder name of this run inside --output_dir.")
     max_steps: int = setting(6000, "UNet optimizer steps.", minimum=1)
-    batch_size: int = setting(32, "Images per device per micro-batch (both stages).", minimum=1)
+    batch_size: int = setting(32, "Images per device per micro-batch (both stages unless --vae_batch_size).",
+                              minimum=1)
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", aliases=("grad_accum",),
                                                minimum=1)
     learning_rate: float = setting(1e-3, "AdamW learning rate of the UNet stage.", minimum=0)
@@ -68,9 +69,11 @@ class PretrainConfig(TrainConfig):
     ema_decay: float = setting(0.0, "Decay of an exponential moving average of the UNet and text encoder weights "
                                     "(e.g. 0.999); the saved model and the judge use the average. 0: none.", minimum=0)
     vae_steps: int = setting(2000, "VAE optimizer steps.", minimum=1)
-    vae_decoder_steps: int = setting(1000, "Steps of the decoder-only VAE stage (0: none).",
-                                     minimum=0)
+    vae_decoder_steps: int = setting(1000, "Steps of the decoder-only VAE stage (0: none); with --init_from it "
+                                           "trains that model's decoder on.", minimum=0)
     vae_learning_rate: float = setting(1e-3, "AdamW learning rate of the VAE stage.", minimum=0)
+    vae_batch_size: int | None = setting(None, "Crops per device per micro-batch of the VAE stages (default: "
+                                               "--batch_size).", minimum=1)
     vae_crop: int = setting(32, "Side of the random crops the VAE trains on (a multiple of 8).", minimum=8)
     vae_kl_weight: float = setting(1e-6, "Weight of the VAE's KL term.", minimum=0)
     vae_channels: tuple[int, ...] = setting((32, 64, 64), "VAE block widths; each block after the first halves "
@@ -224,22 +227,24 @@ class PretrainTrainer(LatentDiffusionTrainer):
     def train(self) -> Path:
         self._ema: dict[str, torch.Tensor] = {}
         self._ema_updates = 0
-        if self.config.init_from is not None:
-            self.vae_folder = Path(self.config.init_from).expanduser() / "vae"
-        elif self.config.vae_path is None:
-            vae_config = replace(self.config, run_name=f"{self.config.run_name}/{VAE_RUN}",
-                                 max_steps=self.config.vae_steps, learning_rate=self.config.vae_learning_rate,
-                                 lr_scheduler="constant", lr_warmup_steps=0, validation_prompts=())
+        config = self.config
+        vae_config = replace(config, run_name=f"{config.run_name}/{VAE_RUN}", max_steps=config.vae_steps,
+                             learning_rate=config.vae_learning_rate, lr_scheduler="constant", lr_warmup_steps=0,
+                             batch_size=config.vae_batch_size or config.batch_size, validation_prompts=())
+        if config.vae_path is not None:
+            self.vae_folder = Path(config.vae_path).expanduser()
+        elif config.init_from is not None:
+            self.vae_folder = Path(config.init_from).expanduser() / "vae"
+        else:
             self.vae_folder = self._stage(VaeTrainer(vae_config, self.plugin_manager, self.on_step, self.notify),
                                           "1 of 2: the VAE")
-            if self.config.vae_decoder_steps:
-                decoder_config = replace(vae_config, run_name=f"{self.config.run_name}/{VAE_DECODER_RUN}",
-                                         max_steps=self.config.vae_decoder_steps)
-                decoder_trainer = VaeDecoderTrainer(decoder_config, self.vae_folder, self.plugin_manager,
-                                                    self.on_step, self.notify)
-                self.vae_folder = self._stage(decoder_trainer, "1b of 2: the VAE's decoder")
-        else:
-            self.vae_folder = Path(self.config.vae_path).expanduser()
+        # The decoder-only stage keeps the latent space, so it may also go on from the VAE of --init_from.
+        if config.vae_path is None and config.vae_decoder_steps:
+            decoder_config = replace(vae_config, run_name=f"{config.run_name}/{VAE_DECODER_RUN}",
+                                     max_steps=config.vae_decoder_steps)
+            decoder_trainer = VaeDecoderTrainer(decoder_config, self.vae_folder, self.plugin_manager,
+                                                self.on_step, self.notify)
+            self.vae_folder = self._stage(decoder_trainer, "1b of 2: the VAE's decoder")
         self.notify(f"stage 2 of 2: UNet + text encoder ({self.config.max_steps} steps) in '{self.run_dir}'")
         return super().train()
 
@@ -430,10 +435,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "| part | parameters (M) | |",
             "|---|---|---|",
             f"| VAE | {sizes['vae']:.2f} | widths {list(pipe.vae.config.block_out_channels)}, "
-            f"scaling factor {pipe.vae.config.scaling_factor}; "
-            + (f"that of {config.init_from} |" if config.init_from is not None else
-               f"{config.vae_steps} steps on {config.vae_crop}px crops, then {config.vae_decoder_steps} decoder-only "
-               "steps |"),
+            f"scaling factor {pipe.vae.config.scaling_factor}; {self._vae_recipe()} |",
             f"| UNet | {sizes['unet']:.2f} | widths {list(pipe.unet.config.block_out_channels)}, "
             f"{config.prediction_type}, zero terminal SNR: {config.zero_terminal_snr} |",
             f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {pipe.text_encoder.config.hidden_size}, "
@@ -470,6 +472,17 @@ class PretrainTrainer(LatentDiffusionTrainer):
                 for row in fidelity
             ]
         return "\n".join(lines) + "\n"
+
+    def _vae_recipe(self) -> str:
+        config = self.config
+        if config.vae_path is not None:
+            return f"from {config.vae_path}"
+        decoder = (f"{config.vae_decoder_steps} decoder-only steps on batches of "
+                   f"{config.vae_batch_size or config.batch_size} {config.vae_crop}px crops")
+        if config.init_from is not None:
+            return f"that of {config.init_from}" + (f", then {decoder}" if config.vae_decoder_steps else "")
+        return f"{config.vae_steps} steps on {config.vae_crop}px crops" + (
+            f", then {decoder}" if config.vae_decoder_steps else "")
 
     def validation_rows(self, prompts: Sequence[str], seed: int):
         guidance, steps = self.config.eval_guidance, self.config.eval_steps

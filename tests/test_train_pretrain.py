@@ -96,11 +96,21 @@ def _same(a, b):
 def test_init_from_trains_on_a_model_with_its_vae_and_scaling(tmp_path, data, straight):
     start = straight / "model" / "final"
     # At learning rate 0 the run must hand back the very weights it started from.
-    frozen = _train(data, tmp_path / "frozen", 1, "--init_from", start, "--learning_rate", "0")
+    frozen = _train(data, tmp_path / "frozen", 1, "--init_from", start, "--learning_rate", "0",
+                    "--vae_decoder_steps", "0")
     assert _same(_weights(frozen / "model" / "final"), _weights(start))
-    assert not (frozen / "vae").exists()  # no VAE stage: the model's own VAE
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    assert not (frozen / "vae").exists() and not (frozen / "vae-decoder").exists()  # the model's own VAE
+    assert load_file(frozen / "model" / "final" / vae_file).keys() == load_file(start / vae_file).keys()
+    assert all(torch.equal(t, load_file(start / vae_file)[k])
+               for k, t in load_file(frozen / "model" / "final" / vae_file).items())
+    # TINY asks for a decoder-only stage: it goes on from the model's VAE, and its encoder stays.
     moved = _train(data, tmp_path / "moved", 2, "--init_from", start)
     assert not _same(_weights(moved / "model" / "final"), _weights(start))
+    assert not (moved / "vae").exists() and (moved / "vae-decoder" / "checkpoints" / "final").is_dir()
+    before, after = load_file(start / vae_file), load_file(moved / "model" / "final" / vae_file)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     for folder in (frozen, moved):
         vae = json.loads((folder / "model" / "final" / "vae" / "config.json").read_text())
         assert vae["scaling_factor"] == json.loads((start / "vae" / "config.json").read_text())["scaling_factor"]
