@@ -8,6 +8,8 @@ Two stages, each a run of the shared trainer machinery (accelerate, resumable ch
    the offline tokenizer of ``harness.embedded`` learn to denoise together.
 
 ``final/`` is a plain diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads.
+``--init_from`` trains such a folder on: its decoder alone (the latent space stays), then its UNet and text
+encoder; ``--ema_decay`` saves and judges an exponential moving average of the UNet stage's weights.
 
 What the UNet stage does, and why (measured on the shapes data; ``../shared/NOTES.md`` and the model
 card have the figures):
