@@ -79,3 +79,6 @@ log "export the teacher and the $WINNER LoRA into harness/weights/"
 python "$HERE/scripts/embedded_card.py" "$WORK/embedded/model/final" "$TEACHER" "$WORK/lab/leaderboard/leaderboard.md" \
   "$WINNER" "$WORK/model_card.md"
 python "$HERE/scripts/export_embedded.py" "$TEACHER" "$WORK/${WINNER}_lora/lora/final" --card "$WORK/model_card.md"
+log "the README's figures: docs/embedded-compare.png and docs/embedded-leaderboard.png"
+python "$HERE/scripts/lab_compare.py" "$WORK/lab" "$WINNER" "$HERE/docs/embedded-compare.png"
+cp "$WORK/lab/leaderboard/leaderboard.png" "$HERE/docs/embedded-leaderboard.png"
