@@ -3,7 +3,7 @@
 # few-step LoRAs (distill, lcm, flash), the lab's leaderboard, and the export into harness/weights/
 # (what --model embedded loads).
 #
-#   nohup ./scripts/build_embedded_model.sh WORK_DIR > build.log 2>&1 &    # ~3.5 h on a 2-core CPU
+#   nohup ./scripts/build_embedded_model.sh WORK_DIR > build.log 2>&1 &    # ~3 h on a 2-core CPU
 #
 # Every stage resumes from its newest checkpoint, and finished evaluations are kept, so running the same
 # command again after a stop continues where it left off. Nothing is written into the repository before
