@@ -479,12 +479,12 @@ class PretrainTrainer(LatentDiffusionTrainer):
         config = self.config
         if config.vae_path is not None:
             return f"from {config.vae_path}"
-        decoder = (f"{config.vae_decoder_steps} decoder-only steps on batches of "
-                   f"{config.vae_batch_size or config.batch_size} {config.vae_crop}px crops")
-        if config.init_from is not None:
-            return f"that of {config.init_from}" + (f", then {decoder}" if config.vae_decoder_steps else "")
-        return f"{config.vae_steps} steps on {config.vae_crop}px crops" + (
-            f", then {decoder}" if config.vae_decoder_steps else "")
+        first = (f"that of {config.init_from}" if config.init_from is not None
+                 else f"{config.vae_steps} steps on {config.vae_crop}px crops")
+        if not config.vae_decoder_steps:
+            return first
+        return (f"{first}, then {config.vae_decoder_steps} decoder-only steps on batches of "
+                f"{config.vae_batch_size or config.batch_size} {config.vae_crop}px crops")
 
     def validation_rows(self, prompts: Sequence[str], seed: int):
         guidance, steps = self.config.eval_guidance, self.config.eval_steps

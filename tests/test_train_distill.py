@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["a red circle on a blue background", "a yellow square on a green background"]
 SEEDS = [0, 1]
 # Every 16th held-out caption (never in training data): "a red circle", "a yellow triangle", "two blue squares",
-# "three white circles", the layout open. Two
-# captions drawn well (4 pictures) were too few: with the v3 model their pixel distance to the teacher went
-# up and down as distillation went on, while over these it falls at every checkpoint (20, 40, 60, 80 steps).
+# "three white circles", the layout open. Two captions drawn well (4 pictures) were too few: with the v3 model
+# their pixel distance to the teacher went up and down as distillation went on, while over these it falls at
+# every checkpoint (20, 40, 60, 80 steps).
 HELD_OUT = held_out_prompts()[::16]
 # Small and fast: a 4-step teacher, lr high enough to move a LoRA in 40 steps, a schedule with state.
 FAST = ("--teacher_steps", "4", "--student_steps", "2", "4", "--grad_accum", "1", "--learning_rate", "1e-3",
