@@ -113,6 +113,22 @@ class PretrainConfig(TrainConfig):
             if missing:
                 raise HarnessError(f"--init_from '{self.init_from}' is not a model folder (no {missing[0]}/ in it); "
                                    "pass one a pretrain run wrote, e.g. RUN/model/final.")
+            self._check_init_schedule()
+
+    def _check_init_schedule(self) -> None:
+        """Refuse, before any stage runs, a model trained with another noise schedule than this run's."""
+        path = Path(self.init_from).expanduser() / "scheduler" / "scheduler_config.json"
+        try:
+            trained_with = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise HarnessError(f"cannot read '{path}' ({one_line(error)}); pass a model folder a pretrain run "
+                               "wrote, e.g. RUN/model/final.") from None
+        wanted = scheduler_config(self)
+        options = (("prediction_type", "--prediction_type"), ("rescale_betas_zero_snr", "--zero_terminal_snr"))
+        for key, option in options:
+            if trained_with.get(key) != wanted[key]:
+                raise HarnessError(f"--init_from '{self.init_from}' was trained with {key} {trained_with.get(key)}, "
+                                   f"this run has {wanted[key]}; set {option} to match it.")
 
 
 def scheduler_config(config: PretrainConfig) -> dict:
@@ -272,7 +288,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
         latent_side = self.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         scheduler = DDIMScheduler.from_config(scheduler_config(self.config))
         if self.config.init_from is not None:
-            unet, text_encoder = self._load_init_from(scheduler)
+            unet, text_encoder = self._load_init_from()
         else:
             unet, text_encoder = build_unet(self.config, latent_side), build_text_encoder(self.config, tokenizer)
         self.pipe = StableDiffusionPipeline(
@@ -287,8 +303,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self.eval_prompts = scenes.held_out_prompts()[::every][: self.config.eval_prompts]
         return _TextToImage(self.pipe.unet, self.pipe.text_encoder)
 
-    def _load_init_from(self, scheduler):
-        """The UNet and text encoder of --init_from, refused if its noise schedule is not this run's."""
+    def _load_init_from(self):
+        """The UNet and text encoder of --init_from (its noise schedule was checked with the settings)."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -296,15 +312,9 @@ class PretrainTrainer(LatentDiffusionTrainer):
         try:
             unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
-            trained_with = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise HarnessError(f"cannot load a model from --init_from '{folder}' ({one_line(error)}); pass a folder "
                                "a pretrain run wrote (RUN/model/final).") from None
-        options = (("prediction_type", "--prediction_type"), ("rescale_betas_zero_snr", "--zero_terminal_snr"))
-        for key, option in options:
-            if trained_with.get(key) != scheduler.config[key]:
-                raise HarnessError(f"--init_from '{folder}' was trained with {key} {trained_with.get(key)}, this run "
-                                   f"has {scheduler.config[key]}; set {option} to match it.")
         return unet, text_encoder
 
     def prepare_data(self, dataset):

@@ -138,8 +138,13 @@ def test_resuming_an_averaged_run_without_the_average_is_refused(tmp_path, data)
 @pytest.mark.parametrize(("option", "message"), [
     (("--ema_decay", "1"), "--ema_decay 1 must be below 1"),
     (("--init_from", "nowhere"), "--init_from 'nowhere' is not a model folder (no vae/ in it)"),
+    # Refused before the decoder stage spends its steps on a model the UNet stage could not take.
+    (("--init_from", "MODEL", "--prediction_type", "epsilon"), "was trained with prediction_type v_prediction, "
+                                                              "this run has epsilon; set --prediction_type"),
 ])
-def test_bad_init_and_average_settings_are_one_line(tmp_path, data, option, message):
-    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", tmp_path / "out", *option)
+def test_bad_init_and_average_settings_are_one_line(tmp_path, data, straight, option, message):
+    option = [str(straight / "model" / "final") if part == "MODEL" else part for part in option]
+    result = invoke("train", "--plugin", "pretrain", "--data_dir", data, "--output_dir", tmp_path / "out",
+                    *option, *TINY)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
