@@ -68,11 +68,18 @@ def _value_type(hint: Any) -> tuple[type, bool]:
 
 
 def flags_of(field: dataclasses.Field[Any]) -> list[str]:
-    """The command-line flags of a field: its own ``flags``, or its name and aliases spelt both ways."""
+    """The command-line flags of a field: its own ``flags``, or its name and aliases spelt both ways.
+
+    A switch that is on by default also gets its off flag (``--zero-terminal-snr/--no-zero-terminal-snr``):
+    without one it could never be turned off.
+    """
     metadata = field.metadata
     if metadata.get("flags"):
         return list(metadata["flags"])
-    return [*spellings(field.name), *(flag for alias in metadata.get("aliases", ()) for flag in spellings(alias))]
+    names = [field.name, *metadata.get("aliases", ())]
+    if field.default is True:
+        return [f"{flag}/--no{'_' if '_' in flag else '-'}{flag[2:]}" for name in names for flag in spellings(name)]
+    return [flag for name in names for flag in spellings(name)]
 
 
 def click_options(options_class: type) -> list[click.Option]:

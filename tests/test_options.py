@@ -149,3 +149,25 @@ def test_unknown_prompt_set_names_the_sets():
     assert result.exit_code == 2
     assert "--prompts 'no-such-set' is neither a file nor a built-in prompt set" in result.output
     assert "held-out, held-out-closed, seed" in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], (True, True)),
+    (["--no-zero-terminal-snr"], (False, True)),
+    (["--no_zero_terminal_snr", "--no_cache_latents"], (False, False)),
+    (["--no-cache-latents", "--cache_latents"], (True, True)),  # the last one given wins, as in click
+])
+def test_a_switch_that_is_on_by_default_can_be_turned_off(args, expected):
+    import click
+    from click.testing import CliRunner
+
+    from harness.options import click_options
+    from harness_plugins.pretrain import PretrainConfig
+
+    @click.command(params=click_options(PretrainConfig))
+    def command(**values):
+        click.echo(json.dumps([values["zero_terminal_snr"], values["cache_latents"]]))
+
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    assert tuple(json.loads(result.output)) == expected
