@@ -80,8 +80,10 @@ class PretrainConfig(TrainConfig):
     vae_kl_weight: float = setting(1e-6, "Weight of the VAE's KL term.", minimum=0)
     vae_channels: tuple[int, ...] = setting((32, 64, 64), "VAE block widths; each block after the first halves "
                                                            "the resolution.", minimum=8)
-    unet_channels: tuple[int, ...] = setting((64, 128, 128, 128), "UNet block widths; cross-attention in every block "
-                                                              "but the first.", minimum=8)
+    unet_channels: tuple[int, ...] = setting((64, 128, 128, 128), "UNet block widths; each block after the first "
+                                                              "halves the resolution.", minimum=8)
+    unet_blocks_without_attention: int = setting(1, "UNet blocks, from the highest resolution, without cross-attention "
+                                                    "(0: every block attends to the caption).", minimum=0)
     unet_layers_per_block: int = setting(1, "ResNet layers per UNet block.", minimum=1)
     text_width: int = setting(64, "Hidden size of the CLIP text encoder (and the UNet's cross-attention).",
                               minimum=8)
@@ -102,6 +104,10 @@ class PretrainConfig(TrainConfig):
             raise HarnessError(f"--caption_dropout {self.caption_dropout} must be in [0, 1); e.g. 0.1.")
         if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
             raise HarnessError("--vae_channels and --unet_channels need at least two widths, e.g. 64 128 128.")
+        if self.unet_blocks_without_attention >= len(self.unet_channels):
+            raise HarnessError(f"--unet_blocks_without_attention {self.unet_blocks_without_attention} leaves no block "
+                               f"of the {len(self.unet_channels)} in --unet_channels attending to the caption; pick "
+                               f"at most {len(self.unet_channels) - 1}.")
         if self.ema_decay >= 1:
             raise HarnessError(f"--ema_decay {self.ema_decay:g} must be below 1 (an average that never moves); "
                                "e.g. 0.999, or 0 for none.")
@@ -154,14 +160,22 @@ def build_vae(config: PretrainConfig, resolution: int):
 def build_unet(config: PretrainConfig, sample_size: int):
     from diffusers import UNet2DConditionModel
 
-    blocks = len(config.unet_channels)
+    plain = config.unet_blocks_without_attention
+    attending = len(config.unet_channels) - plain
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(config.unet_channels),
         layers_per_block=config.unet_layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attending,
+        up_block_types=("CrossAttnUpBlock2D",) * attending + ("UpBlock2D",) * plain,
         cross_attention_dim=config.text_width, attention_head_dim=8,
         norm_num_groups=min(32, config.unet_channels[0]))
+
+
+def _attending_blocks(down_block_types: Sequence[str]) -> str:
+    """Which UNet blocks attend to the caption, in words: "blocks 2-4 of 4"."""
+    attending = [index + 1 for index, kind in enumerate(down_block_types) if kind.startswith("CrossAttn")]
+    span = f"block {attending[0]}" if len(attending) == 1 else f"blocks {attending[0]}-{attending[-1]}"
+    return f"{span} of {len(down_block_types)}"
 
 
 def build_text_encoder(config: PretrainConfig, tokenizer):
@@ -448,8 +462,9 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "|---|---|---|",
             f"| VAE | {sizes['vae']:.2f} | widths {list(pipe.vae.config.block_out_channels)}, "
             f"scaling factor {pipe.vae.config.scaling_factor}; {self._vae_recipe()} |",
-            f"| UNet | {sizes['unet']:.2f} | widths {list(pipe.unet.config.block_out_channels)}, "
-            f"{config.prediction_type}, zero terminal SNR: {config.zero_terminal_snr} |",
+            f"| UNet | {sizes['unet']:.2f} | widths {list(pipe.unet.config.block_out_channels)}, cross-attention in "
+            f"{_attending_blocks(pipe.unet.config.down_block_types)}, {config.prediction_type}, "
+            f"zero terminal SNR: {config.zero_terminal_snr} |",
             f"| CLIP text encoder | {sizes['text_encoder']:.2f} | width {pipe.text_encoder.config.hidden_size}, "
             f"{pipe.text_encoder.config.num_hidden_layers} layers, trained with the UNet |",
             "",
