@@ -22,7 +22,9 @@ card have the figures):
   near t=999 - exactly where the layout (where the shape goes) is decided.
 - Caption dropout (``--caption_dropout``) so that classifier-free guidance has an unconditional model.
 - ``fidelity.jsonl``: the prompt-fidelity judge on the held-out prompts every ``--eval_every`` steps,
-  attribute by attribute, so a recipe change shows what it moved.
+  attribute by attribute, so a recipe change shows what it moved, and the caption reliance of
+  ``harness.training.reliance`` (how much the loss rises when a caption's word is wrong): whether the model
+  reads each word at all, which the judge's samples cannot tell early on.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,6 +43,8 @@ from harness import embedded, judge, scenes
 from harness.errors import HarnessError, one_line
 from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
 from harness.training.checkpoints import FINAL
+from harness.training.diffusion import EncodedDataset
+from harness.training.reliance import ATTRIBUTES, caption_reliance, probe_examples
 
 FIDELITY_LOG = "fidelity.jsonl"
 VAE_RUN = "vae"
@@ -95,6 +100,8 @@ class PretrainConfig(TrainConfig):
     eval_prompts: int = setting(64, "How many of the 64 held-out prompts to judge.", minimum=1)
     eval_steps: int = setting(30, "Sampling steps of that evaluation.", minimum=1)
     eval_guidance: float = setting(7.5, "Guidance scale of that evaluation.", minimum=0)
+    reliance_examples: int = setting(64, "Training images per caption attribute of the caption-reliance probe at "
+                                         "each evaluation (0: none).", minimum=0)
 
     def check(self) -> None:
         super().check()
@@ -335,7 +342,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         self._data_size = len(dataset)
         if self.config.init_from is None:  # a model trained on keeps the scaling its UNet learned
             self._set_scaling_factor(dataset)
-        return super().prepare_data(dataset)
+        self._dataset = super().prepare_data(dataset)
+        return self._dataset
 
     def _trained_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((name, p) for name, p in self.unwrapped_model.named_parameters() if p.requires_grad)
@@ -411,24 +419,16 @@ class PretrainTrainer(LatentDiffusionTrainer):
         captions = list(batch["caption"])
         keep = torch.rand(len(captions), generator=generator, device=generator.device) >= self.config.caption_dropout
         captions = [text if kept else "" for text, kept in zip(captions, keep.tolist())]
-        tokens = self.pipe.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        model = self.model
-        text_states = model.text_encoder(tokens)[0]
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
         timesteps = torch.randint(
             0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],), generator=generator, device=generator.device
         ).to(latents.device)
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
-        output = model.unet(noisy, timesteps, encoder_hidden_states=text_states).sample
-        alpha, sigma = self.schedule.alpha_sigma(timesteps, latents)
-        target = alpha * noise - sigma * latents if self.schedule.prediction_type == "v_prediction" else noise
-        return torch.nn.functional.mse_loss(output.float(), target)
+        return self._example_losses(self.model, latents, captions, timesteps, noise).mean()
+
+    def _example_losses(self, model, latents: torch.Tensor, captions: Sequence[str], timesteps: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        return denoising_losses(model.unet, model.text_encoder, self.pipe.tokenizer, self.schedule, latents, captions,
+                                timesteps, noise)
 
     def benchmark_command(self, final: Path) -> str:
         return f"harness bench --sampler vanilla-sd --model {final} --metric fidelity"
@@ -498,6 +498,20 @@ class PretrainTrainer(LatentDiffusionTrainer):
                 + " | ".join(f"{row[n]:.2f}" if n in row else "" for n in names) + " |"
                 for row in fidelity
             ]
+        relied = [row for row in fidelity if "reliance" in row]
+        if relied:
+            names = [name for name in ATTRIBUTES if name in relied[-1]["reliance"]]
+            lines += [
+                "",
+                "Caption reliance (`harness.training.reliance`): how much the training loss rises when the caption's "
+                f"word for an attribute is swapped for another ({self.config.reliance_examples} training images per "
+                "attribute, timesteps spread over the schedule); 0% means the model ignores the word:",
+                "",
+                "| step | " + " | ".join(names) + " |",
+                "|---" * (len(names) + 1) + "|",
+            ]
+            lines += [f"| {row['step']} | " + " | ".join(f"{row['reliance'][n]:.1%}" if n in row["reliance"] else ""
+                                                      for n in names) + " |" for row in relied]
         return "\n".join(lines) + "\n"
 
     def _vae_recipe(self) -> str:
@@ -537,13 +551,61 @@ class PretrainTrainer(LatentDiffusionTrainer):
             "sampler": f"ddim-{self.config.eval_steps}-cfg{self.config.eval_guidance}",
             **{name: round(value, 4) for name, value in scores.items()},
         }
+        reliance = self._caption_reliance()
+        if reliance:
+            line["reliance"] = {name: round(value, 4) + 0.0 for name, value in reliance.items()}  # no -0.0
+            self.log_metrics({f"reliance/{name}": value for name, value in reliance.items()}, step)
         with open(self.run_dir / FIDELITY_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
         self.log_metrics({f"fidelity/{name}": value for name, value in scores.items() if name != "n"}, step)
         self.notify(
             f"step {step}: held-out fidelity {scores['overall']:.3f} "
             + " ".join(f"{name} {value:.2f}" for name, value in scores.items() if name not in ("overall", "n"))
+            + ("; caption reliance " + " ".join(f"{name} {value:.1%}" for name, value in reliance.items())
+               if reliance else "")
         )
+
+    def _caption_reliance(self) -> dict[str, float]:
+        """``harness.training.reliance`` on the first training images that state each attribute (the same ones,
+        timesteps and noise at every evaluation, so the rows compare); empty for data without shapes captions."""
+        if not self.config.reliance_examples:
+            return {}
+        dataset = self._dataset
+        captions = dataset.captions if isinstance(dataset, EncodedDataset) else dataset.examples.captions
+        if not hasattr(self, "_reliance_examples"):
+            self._reliance_examples = probe_examples(captions, self.config.reliance_examples, seed=self.seed)
+        if not self._reliance_examples:
+            return {}
+
+        def latents(indices: Sequence[int]) -> torch.Tensor:
+            batch = torch.utils.data.default_collate([dataset[index] for index in indices])
+            batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                     for key, value in batch.items()}
+            return self.latents(batch, generator=None)
+
+        model = self.unwrapped_model
+        was_training = model.training
+        model.eval()
+        try:
+            with self._averaged_weights():
+                return caption_reliance(partial(self._example_losses, model), latents, captions,
+                                        self._reliance_examples, self.schedule.alphas_cumprod.numel(), self.seed)
+        finally:
+            model.train(was_training)
+
+
+def denoising_losses(unet, text_encoder, tokenizer, schedule: NoiseSchedule, latents: torch.Tensor,
+                     captions: Sequence[str], timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The training loss of each example: mean squared error of the UNet's output against its target (v or noise)
+    for ``latents`` noised with ``noise`` at ``timesteps``, the captions read by ``text_encoder``."""
+    tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(latents.device)
+    text_states = text_encoder(tokens)[0]
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    output = unet(noisy, timesteps, encoder_hidden_states=text_states).sample
+    alpha, sigma = schedule.alpha_sigma(timesteps, latents)
+    target = alpha * noise - sigma * latents if schedule.prediction_type == "v_prediction" else noise
+    return (output.float() - target).pow(2).flatten(1).mean(dim=1)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -48,6 +48,17 @@ def test_stages_write_a_pipeline_folder_diffusers_loads(straight):
     assert pipe.vae.config.scaling_factor != 1.0
 
 
+def test_cross_attention_goes_where_asked_and_the_card_says_where(tmp_path, data, straight):
+    default = json.loads((straight / "model" / "final" / "unet" / "config.json").read_text())
+    assert default["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert "cross-attention in block 2 of 2" in (straight / "model" / "final" / "README.md").read_text()
+    everywhere = _train(data, tmp_path, 1, "--unet_blocks_without_attention", "0") / "model" / "final"
+    config = json.loads((everywhere / "unet" / "config.json").read_text())
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 2
+    assert config["up_block_types"] == ["CrossAttnUpBlock2D"] * 2
+    assert "cross-attention in blocks 1-2 of 2" in (everywhere / "README.md").read_text()
+
+
 def test_the_decoder_stage_keeps_the_encoder(straight):
     first = load_file(straight / "vae" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors")
     second = load_file(straight / "vae-decoder" / "checkpoints" / "final" / "diffusion_pytorch_model.safetensors")
@@ -64,6 +75,11 @@ def test_fidelity_is_logged_as_training_goes_and_lands_in_the_model_card(straigh
     assert all(line["n"] == 2 and 0 <= line["overall"] <= 1 and judged <= line.keys() for line in lines)
     card = (straight / "model" / "final" / "README.md").read_text()
     assert "harness train --plugin pretrain" in card and "| 4 |" in card
+    # Caption reliance on the training images: the closed captions state every attribute.
+    assert all(set(line["reliance"]) == {"count", "shape", "colour", "size", "position", "background"}
+               for line in lines)
+    assert all(value > -1 for line in lines for value in line["reliance"].values())
+    assert "Caption reliance" in card and card.count("%") >= 12
 
 
 def _weights(model_folder):
@@ -137,6 +153,7 @@ def test_resuming_an_averaged_run_without_the_average_is_refused(tmp_path, data)
 
 @pytest.mark.parametrize(("option", "message"), [
     (("--ema_decay", "1"), "--ema_decay 1 must be below 1"),
+    (("--unet_blocks_without_attention", "2"), "--unet_blocks_without_attention 2 leaves no block of the 2"),
     (("--init_from", "nowhere"), "--init_from 'nowhere' is not a model folder (no vae/ in it)"),
     # Refused before the decoder stage spends its steps on a model the UNet stage could not take.
     (("--init_from", "MODEL", "--prediction_type", "epsilon"), "was trained with prediction_type v_prediction, "

@@ -141,8 +141,9 @@ class LatentDiffusionTrainer(Trainer):
                 captions += batch["caption"]
         return EncodedDataset(torch.cat(params), captions)
 
-    def latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents of the batch's images, drawn from the VAE posterior (cached or encoded now)."""
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor:
+        """Scaled latents of the batch's images, drawn from the VAE posterior (cached or encoded now); without a
+        generator, the posterior's mean."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if "latent_params" in batch:
@@ -150,7 +151,8 @@ class LatentDiffusionTrainer(Trainer):
         else:
             with torch.no_grad():
                 posterior = self.pipe.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist
-        return posterior.sample(generator).float() * self.pipe.vae.config.scaling_factor
+        drawn = posterior.mean if generator is None else posterior.sample(generator)
+        return drawn.float() * self.pipe.vae.config.scaling_factor
 
     def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
         """Text-encoder states for each caption, exactly as the pipeline computes them at inference."""
