@@ -73,3 +73,39 @@ def test_reliance_is_the_loss_increase_a_wrong_word_causes():
     reliance = caption_reliance(loss, latents, captions, examples, num_timesteps=1000)
     assert reliance["shape"] == pytest.approx(0.0)
     assert reliance["colour"] > 1.0  # every wrong colour is at least one step away: loss 1 -> 2 or more
+
+
+def test_the_script_prints_the_shipped_teachers_reliance_row(tmp_path):
+    """scripts/caption_reliance.py on the shipped model: one row, and the model reads the background word."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from harness.embedded import embedded_model
+    from harness.shapes import write_dataset
+
+    data = write_dataset(tmp_path / "data", n=12, seed=0)
+    script = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
+    result = subprocess.run([sys.executable, str(script), str(data), str(embedded_model()), "--examples", "12"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    header, rule, row = result.stdout.strip().splitlines()
+    assert header == "| model | count | shape | colour | size | position | background |"
+    values = [float(cell.strip().rstrip("%")) for cell in row.strip("|").split("|")[1:]]
+    assert len(values) == 6 and values[5] > 50  # a wrong background colour is the costliest word
+
+
+def test_the_script_refuses_data_without_shapes_captions(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("a photo of a cat")
+    script = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "data"), "unused"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0 and "no caption" in result.stderr and "Traceback" not in result.stderr
