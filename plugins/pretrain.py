@@ -266,6 +266,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
     def train(self) -> Path:
         self._ema: dict[str, torch.Tensor] = {}
         self._ema_updates = 0
+        self._reliance_examples: dict[str, list[tuple[int, str]]] | None = None
         config = self.config
         vae_config = replace(config, run_name=f"{config.run_name}/{VAE_RUN}", max_steps=config.vae_steps,
                              learning_rate=config.vae_learning_rate, lr_scheduler="constant", lr_warmup_steps=0,
@@ -423,12 +424,9 @@ class PretrainTrainer(LatentDiffusionTrainer):
         timesteps = torch.randint(
             0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],), generator=generator, device=generator.device
         ).to(latents.device)
-        return self._example_losses(self.model, latents, captions, timesteps, noise).mean()
-
-    def _example_losses(self, model, latents: torch.Tensor, captions: Sequence[str], timesteps: torch.Tensor,
-                        noise: torch.Tensor) -> torch.Tensor:
+        model = self.model
         return denoising_losses(model.unet, model.text_encoder, self.pipe.tokenizer, self.schedule, latents, captions,
-                                timesteps, noise)
+                                timesteps, noise).mean()
 
     def benchmark_command(self, final: Path) -> str:
         return f"harness bench --sampler vanilla-sd --model {final} --metric fidelity"
@@ -572,7 +570,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             return {}
         dataset = self._dataset
         captions = dataset.captions if isinstance(dataset, EncodedDataset) else dataset.examples.captions
-        if not hasattr(self, "_reliance_examples"):
+        if self._reliance_examples is None:
             self._reliance_examples = probe_examples(captions, self.config.reliance_examples, seed=self.seed)
         if not self._reliance_examples:
             return {}
@@ -588,7 +586,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         model.eval()
         try:
             with self._averaged_weights():
-                return caption_reliance(partial(self._example_losses, model), latents, captions,
+                loss = partial(denoising_losses, model.unet, model.text_encoder, self.pipe.tokenizer, self.schedule)
+                return caption_reliance(loss, latents, captions,
                                         self._reliance_examples, self.schedule.alphas_cumprod.numel(), self.seed)
         finally:
             model.train(was_training)
