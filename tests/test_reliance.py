@@ -1,12 +1,20 @@
 """Caption reliance (harness.training.reliance): swapped captions, the examples probed, the measure itself."""
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from harness import scenes
+from harness.embedded import embedded_model
+from harness.shapes import write_dataset
 from harness.training.reliance import ATTRIBUTES, caption_reliance, probe_examples, swap
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
 
 
 @pytest.mark.parametrize("attribute", ATTRIBUTES)
@@ -77,16 +85,8 @@ def test_reliance_is_the_loss_increase_a_wrong_word_causes():
 
 def test_the_script_prints_the_shipped_teachers_reliance_row(tmp_path):
     """scripts/caption_reliance.py on the shipped model: one row, and the model reads the background word."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from harness.embedded import embedded_model
-    from harness.shapes import write_dataset
-
     data = write_dataset(tmp_path / "data", n=12, seed=0)
-    script = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
-    result = subprocess.run([sys.executable, str(script), str(data), str(embedded_model()), "--examples", "12"],
+    result = subprocess.run([sys.executable, str(SCRIPT), str(data), str(embedded_model()), "--examples", "12"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     header, rule, row = result.stdout.strip().splitlines()
@@ -96,16 +96,9 @@ def test_the_script_prints_the_shipped_teachers_reliance_row(tmp_path):
 
 
 def test_the_script_refuses_data_without_shapes_captions(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from PIL import Image
-
     (tmp_path / "data").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "data" / "a.png")
     (tmp_path / "data" / "a.txt").write_text("a photo of a cat")
-    script = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "data"), "unused"], capture_output=True,
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "data"), "unused"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode != 0 and "no caption" in result.stderr and "Traceback" not in result.stderr
