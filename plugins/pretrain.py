@@ -358,9 +358,11 @@ class PretrainTrainer(LatentDiffusionTrainer):
             self._ema = {name: p.detach().clone() for name, p in self._trained_parameters()}
         self._ema_updates += 1
         decay = min(self.config.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
+        # One fused call over all tensors: a Python loop launches a kernel per tensor, which bounds a small
+        # model's step on a GPU.
+        names, parameters = zip(*self._trained_parameters())
         with torch.no_grad():
-            for name, parameter in self._trained_parameters():
-                self._ema[name].lerp_(parameter.detach(), 1 - decay)
+            torch._foreach_lerp_([self._ema[name] for name in names], [p.detach() for p in parameters], 1 - decay)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         if not self._ema:
