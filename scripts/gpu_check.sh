@@ -37,8 +37,8 @@ run plain bench "${common[@]}" --outdir "$work/plain"
 run channels-last bench "${common[@]}" --channels-last --outdir "$work/channels-last"
 run compile bench "${common[@]}" --compile --outdir "$work/compile"
 run compile-channels-last bench "${common[@]}" --compile --channels-last --outdir "$work/compile-channels-last"
-# 16 images of 4096x4096 in one call: the VAE decoder alone needs hundreds of GB. It must end as a failed
-# record with the out-of-memory line, not a crash.
+# 16 images of 4096x4096 in one call: the VAE decoder alone needs hundreds of GB. It must end cleanly, not
+# crash: refused up front by harness's memory estimate, or as a failed record with the out-of-memory line.
 run out-of-memory bench --model sd15-arch --dtype float16 --device cuda --height 4096 --width 4096 \
   --num_images 16 --steps 2 --warmup 0 --repeats 1 --seed 0 -q --outdir "$work/out-of-memory"
 if [ "$gpus" -ge 2 ]; then

@@ -83,18 +83,29 @@ def check_speed_variant(work: Path, name: str) -> tuple[list[list[Any]], list[st
 
 
 def check_out_of_memory(work: Path) -> list[str]:
-    """The request that cannot fit must end as a failed record with the out-of-memory line, no traceback."""
+    """The request that cannot fit must end cleanly, no traceback, either way harness can end it: refused before
+    any call by its memory estimate (exit 2, one line naming the memory, no records) or, when the estimate let it
+    through, as a failed record with the out-of-memory line (exit 1)."""
     failures: list[str] = []
     log = work / "out-of-memory.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
-    if exit_code(work, "out-of-memory") != 1:
-        failures.append(f"out-of-memory: harness exited with {exit_code(work, 'out-of-memory')}, expected 1")
+    code = exit_code(work, "out-of-memory")
     if "Traceback" in text:
         failures.append(f"out-of-memory: a traceback in {log}")
     records_path = work / "out-of-memory" / RECORDS_FILE
     records = read_records(records_path, on_skip=failures.append) if records_path.is_file() else []
-    if not any("CUDA out of memory" in (r.error or "") for r in records):
-        failures.append("out-of-memory: no failed record saying 'CUDA out of memory'")
+    if code == 2:
+        errors = [line for line in text.splitlines() if line.startswith("Error:")]
+        if len(errors) != 1 or "GiB" not in errors[0] or "available" not in errors[0]:
+            failures.append(f"out-of-memory: exit 2 without the one-line memory refusal in {log}")
+        if records:
+            failures.append("out-of-memory: refused up front, yet records were written")
+    elif code == 1:
+        if not any("CUDA out of memory" in (r.error or "") for r in records):
+            failures.append("out-of-memory: no failed record saying 'CUDA out of memory'")
+    else:
+        failures.append(f"out-of-memory: harness exited with {code}, expected 2 (refused up front) or 1 "
+                        "(a failed record)")
     return failures
 
 

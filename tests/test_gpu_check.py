@@ -86,6 +86,32 @@ def test_an_out_of_memory_crash_fails_the_check(tmp_path, gpu_report, capsys):
     assert "FAILED out-of-memory: no failed record saying 'CUDA out of memory'" in out
 
 
+def test_an_up_front_memory_refusal_passes_the_check(tmp_path, gpu_report, capsys):
+    # What an H200 did with 16 images of 4096x4096: harness's estimate refused the request before any call.
+    _good_work(tmp_path)
+    (tmp_path / "out-of-memory.exit").write_text("2\n")
+    (tmp_path / "out-of-memory.log").write_text(
+        "Error: --height 4096 --width 4096 with 16 images per call needs about 652.1 GiB for one call on cuda, but "
+        "139.3 GiB are available; use a smaller size, --batch 1, --vae-tiling, or another device.\n")
+    (tmp_path / "out-of-memory" / "records.jsonl").unlink()
+    assert gpu_report.main(tmp_path) == 0
+    assert "all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("code, log, message", [
+    (2, "Error: no such sampler\n", "exit 2 without the one-line memory refusal"),
+    (2, "Traceback (most recent call last):\n torch.OutOfMemoryError\n", "a traceback in"),
+    (0, "", "harness exited with 0, expected 2 (refused up front) or 1 (a failed record)"),
+])
+def test_an_out_of_memory_run_that_did_not_end_cleanly_fails(tmp_path, gpu_report, capsys, code, log, message):
+    _good_work(tmp_path)
+    (tmp_path / "out-of-memory.exit").write_text(f"{code}\n")
+    (tmp_path / "out-of-memory.log").write_text(log)
+    (tmp_path / "out-of-memory" / "records.jsonl").unlink()
+    assert gpu_report.main(tmp_path) == 1
+    assert message in capsys.readouterr().out
+
+
 def test_without_cuda_the_check_is_one_line(tmp_path):
     pytest.importorskip("torch")
     import torch
