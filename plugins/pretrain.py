@@ -358,8 +358,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
             self._ema = {name: p.detach().clone() for name, p in self._trained_parameters()}
         self._ema_updates += 1
         decay = min(self.config.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
-        # One fused call over all tensors: a Python loop launches a kernel per tensor, which bounds a small
-        # model's step on a GPU.
+        # One fused call over all tensors (torch's private foreach API, which its optimizers use): a Python loop
+        # launches a kernel per tensor, which bounds a small model's step on a GPU.
         names, parameters = zip(*self._trained_parameters())
         with torch.no_grad():
             torch._foreach_lerp_([self._ema[name] for name in names], [p.detach() for p in parameters], 1 - decay)

@@ -10,10 +10,10 @@ many steps as fit a wall-clock budget: what a short GPU lease is for.
    rate of each is read off its train_log.jsonl between two steps; then they are stopped and removed.
 2. Each configuration runs under OUTPUT_DIR/NAME with --max_steps sized to end before the budget (its
    learning-rate schedule ends with it) and five evaluations of the judge (fidelity.jsonl).
-3. A run still going at the deadline is stopped; its newest checkpoint stands.
+3. A run still going at the deadline is stopped; its newest checkpoint, if it wrote one, stands.
 
 The sweep sets --run_name, --max_steps, --eval_every and --checkpointing_steps itself. It prints one line per
-run and exits 1 if any run failed.
+configuration and exits 1 if any did not train to its end (failed, skipped or stopped at the deadline).
 """
 
 from __future__ import annotations
@@ -28,10 +28,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-SET_BY_THE_SWEEP = ("--run_name", "--max_steps", "--eval_every", "--checkpointing_steps")
+SET_BY_THE_SWEEP = ("run_name", "max_steps", "eval_every", "checkpointing_steps", "output_dir")
 EVALUATIONS = 5
 POLL_S = 1.0
+
+
+class Stopped(Exception):
+    """SIGTERM reached the sweep: its runs are stopped before it exits."""
+
+
+def _flag_names(flags: list[str]) -> list[str]:
+    return [flag.split("=")[0].lstrip("-").replace("-", "_") for flag in flags if flag.startswith("--")]
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -43,52 +52,76 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval_seconds", type=float, default=10.0, help="allowance for one evaluation")
     args, common = parser.parse_known_args(argv)
     common = [flag for flag in common if flag != "--"]
-    taken = [flag for flag in common if flag.split("=")[0].replace("-", "_").lstrip("_") in
-             [name.lstrip("-") for name in SET_BY_THE_SWEEP]]
-    if taken:
-        parser.error(f"{', '.join(taken)} is set by the sweep for each run; remove it from the shared flags")
-    if "--output_dir" not in common and "--output-dir" not in common:
-        parser.error("pass --output_dir (after --) for the runs")
+    if args.budget <= 0:
+        parser.error(f"--budget {args.budget:g} must be above 0 seconds")
     start, stop = args.calibration_steps
     if not 0 < start < stop:
         parser.error("--calibration_steps FROM TO needs 0 < FROM < TO")
-    configs = {}
+    owned = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    owned.add_argument("--output_dir", "--output-dir")
+    shared, _ = owned.parse_known_args(common)
+    if not shared.output_dir:
+        parser.error("pass --output_dir (after --) for the runs")
+    args.root = Path(shared.output_dir).expanduser()
+    taken = [name for name in _flag_names(common) if name in SET_BY_THE_SWEEP[:-1]]
+    if taken:
+        parser.error(f"--{taken[0]} is set by the sweep for each run; remove it from the shared flags")
+    args.configs = {}
     for item in args.config:
         name, _, flags = item.partition("=")
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             parser.error(f"--config {item!r}: start with a folder name of letters, digits, '-' or '_', then '='")
-        configs[name] = shlex.split(flags)
-    args.configs = configs
+        if name in args.configs:
+            parser.error(f"--config {name} is given twice; give each run its own name")
+        own = shlex.split(flags)
+        taken = [flag for flag in _flag_names(own) if flag in SET_BY_THE_SWEEP]
+        if taken:
+            parser.error(f"--config {name}: --{taken[0]} is set by the sweep; remove it from that run's flags")
+        args.configs[name] = own
+    restarts = {"overwrite", "resume_from_checkpoint"} & set(_flag_names(common))
+    existing = [name for name in args.configs if (args.root / name / "model").exists()]
+    if existing and not restarts:
+        parser.error(f"{args.root / existing[0]} already holds a run; pick another --output_dir, or pass "
+                     "--overwrite or --resume_from_checkpoint latest")
     return args, common
 
 
-def output_dir(common: list[str]) -> Path:
-    flag = "--output_dir" if "--output_dir" in common else "--output-dir"
-    return Path(common[common.index(flag) + 1])
-
-
-def launch(name: str, flags: list[str], log_dir: Path) -> subprocess.Popen[bytes]:
-    with open(log_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the child keeps its own copy
-        return subprocess.Popen([sys.executable, "-m", "harness", "train", "--plugin", "pretrain", "--run_name",
-                                 name, *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def launch(name: str, flags: list[str], root: Path) -> subprocess.Popen[bytes]:
+    with open(root / f"{name}.log", "w", encoding="utf-8") as log:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "harness", "train", "--plugin", "pretrain", *flags,
+                                 "--run_name", name],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def step_seconds(run_dir: Path) -> dict[int, float]:
     """Step -> seconds since the run's start, from its train_log.jsonl (lines still being written are skipped)."""
     seconds: dict[int, float] = {}
-    log = run_dir / "train_log.jsonl"
-    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+    for row in _json_lines(run_dir / "train_log.jsonl"):
         try:
-            row = json.loads(line)
             seconds[int(row["step"])] = float(row["seconds"])
-        except (ValueError, KeyError):
+        except (KeyError, TypeError, ValueError):
             continue
     return seconds
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every process group at once, then SIGKILL to those still there after 30 s."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         os.killpg(process.pid, signal.SIGTERM)
+    for process in running:
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
@@ -96,67 +129,89 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def calibrate(args: argparse.Namespace, common: list[str], root: Path,
-              deadline: float) -> tuple[dict[str, float], float]:
-    """Seconds per step of each configuration side by side, and the slowest start (load, latent cache)."""
+def calibrate(args: argparse.Namespace, common: list[str], deadline: float) -> tuple[dict[str, float], float]:
+    """Seconds per step of each configuration while all of them train, and an upper bound of the time a run
+    takes to reach steady steps (load, latent cache, the first FROM steps and the polling delay)."""
     first, last = args.calibration_steps
+    root = args.root
     began = time.time()
     probes = {name: launch(f"calibrate-{name}", [*common, *flags, "--max_steps", "1000000", "--eval_every",
                                                  "1000000", "--checkpointing_steps", "1000000",
                                                  "--reliance_examples", "0"], root)
               for name, flags in args.configs.items()}
+    windows: dict[str, tuple[int, float]] = {}  # where each one's window starts: once every live probe is at FROM
     rates: dict[str, float] = {}
     startup = 0.0
     try:
         while len(rates) < len(probes) and time.time() < deadline:
             time.sleep(POLL_S)
+            logged = {name: step_seconds(root / f"calibrate-{name}") for name in probes}
             for name, process in probes.items():
-                seconds = step_seconds(root / f"calibrate-{name}")
-                if name not in rates and first in seconds and last in seconds:
-                    rates[name] = (seconds[last] - seconds[first]) / (last - first)
-                    startup = max(startup, time.time() - began - seconds[last] + seconds[first])
-                elif name not in rates and process.poll() is not None:
+                if name not in rates and process.poll() is not None:
                     print(f"{name}: failed in calibration (exit {process.returncode}); see "
                           f"{root / f'calibrate-{name}.log'}", flush=True)
                     rates[name] = float("nan")
+            live = [name for name in probes if name not in rates]
+            if not windows and live and all(max(logged[name], default=0) >= first for name in live):
+                startup = time.time() - began
+                windows = {name: (max(logged[name]), logged[name][max(logged[name])]) for name in live}
+            for name, (step, seconds) in windows.items():
+                now = max(logged[name], default=0)
+                if name not in rates and now >= step + last - first:
+                    rates[name] = (logged[name][now] - seconds) / (now - step)
+        for name in probes:
+            if name not in rates:
+                print(f"{name}: not calibrated before the deadline; skipped", flush=True)
     finally:
-        for name, process in probes.items():
-            stop(process)
+        stop_all(list(probes.values()))
+        for name in probes:
             shutil.rmtree(root / f"calibrate-{name}", ignore_errors=True)
     return {name: rate for name, rate in rates.items() if rate == rate}, startup
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped
 
 
 def main(argv: list[str]) -> int:
     args, common = parse(argv)
     deadline = time.time() + args.budget
-    root = output_dir(common)
-    root.mkdir(parents=True, exist_ok=True)
-    rates, startup = calibrate(args, common, root, deadline)
+    args.root.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    rates, startup = calibrate(args, common, deadline)
     failed = len(args.configs) - len(rates)
-    runs = {}
-    for name, rate in rates.items():
-        left = deadline - time.time() - startup - EVALUATIONS * args.eval_seconds
-        steps = int(left / (rate * 1.05)) // EVALUATIONS * EVALUATIONS
-        if steps < EVALUATIONS:
-            print(f"{name}: {rate:.3f} s/step leaves no time to train in the budget; skipped", flush=True)
-            failed += 1
-            continue
-        print(f"{name}: {steps} steps at {rate:.3f} s/step", flush=True)
-        runs[name] = launch(name, [*common, *args.configs[name], "--max_steps", str(steps), "--eval_every",
-                                   str(steps // EVALUATIONS), "--checkpointing_steps", str(max(1, steps // 2))], root)
-    while time.time() < deadline and any(process.poll() is None for process in runs.values()):
-        time.sleep(POLL_S)
+    runs: dict[str, subprocess.Popen[bytes]] = {}
+    late: set[str] = set()
+    try:
+        for name, rate in rates.items():
+            left = deadline - time.time() - startup - EVALUATIONS * args.eval_seconds
+            steps = int(left / (rate * 1.05)) // EVALUATIONS * EVALUATIONS
+            if steps < EVALUATIONS:
+                print(f"{name}: {rate:.3f} s/step leaves no time to train in the budget; skipped", flush=True)
+                failed += 1
+                continue
+            print(f"{name}: {steps} steps at {rate:.3f} s/step", flush=True)
+            runs[name] = launch(name, [*common, *args.configs[name], "--max_steps", str(steps), "--eval_every",
+                                       str(steps // EVALUATIONS), "--checkpointing_steps", str(max(1, steps // 2))],
+                                args.root)
+        while time.time() < deadline and any(process.poll() is None for process in runs.values()):
+            time.sleep(POLL_S)
+        late = {name for name, process in runs.items() if process.poll() is None}
+    finally:
+        stop_all(list(runs.values()))
     for name, process in runs.items():
-        late = process.poll() is None
-        stop(process)
-        log = root / name / "fidelity.jsonl"
-        last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1]) if log.is_file() else {}
-        state = "stopped at the deadline (its newest checkpoint stands)" if late else f"exit {process.returncode}"
-        failed += bool(process.returncode) and not late
+        evaluations = _json_lines(args.root / name / "fidelity.jsonl")
+        last = evaluations[-1] if evaluations else {}
+        state = ("stopped at the deadline (its newest checkpoint, if any, stands)" if name in late
+                 else f"exit {process.returncode}")
+        failed += name in late or process.returncode != 0
         print(f"{name}: {state}; judge at step {last.get('step', '-')}: {last.get('overall', '-')}; "
               f"reliance {last.get('reliance', '-')}", flush=True)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (KeyboardInterrupt, Stopped):
+        sys.exit("pretrain_sweep: stopped; its runs were stopped too")

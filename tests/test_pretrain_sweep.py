@@ -1,5 +1,6 @@
 """scripts/pretrain_sweep.py: pretrain configurations side by side, each sized to a wall-clock budget."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,21 +26,60 @@ def _sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("pretrain_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--", "--output_dir", "out", "--max_steps", "9"), "--max_steps is set by the sweep for each run"),
-    (("--", "--output_dir", "out", "--run-name", "x"), "--run-name is set by the sweep for each run"),
+    (("--", "--output_dir", "out", "--run-name", "x"), "--run_name is set by the sweep for each run"),
     (("--", "--data_dir", "d"), "pass --output_dir (after --) for the runs"),
     (("--calibration_steps", "5", "5", "--", "--output_dir", "out"), "needs 0 < FROM < TO"),
+    (("--config", "a=--text_width 8", "--", "--output_dir", "out"), "--config a is given twice"),
+    (("--config", "b=--max_steps 9", "--", "--output_dir", "out"), "--config b: --max_steps is set by the sweep"),
+    (("--config", "b=--output_dir x", "--", "--output_dir", "out"), "--config b: --output_dir is set by the sweep"),
 ])
-def test_a_bad_sweep_is_refused_in_one_line_before_anything_runs(tmp_path, flags, message):
+def test_a_bad_sweep_is_refused_in_one_line_before_anything_runs(flags, message):
     result = _sweep("--budget", "10", "--config", "a=", *flags, timeout=60)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert not (REPO / "out").exists()
 
 
-def test_a_config_name_must_be_a_folder_name():
+def test_a_config_name_must_be_a_folder_name_and_the_budget_positive():
     result = _sweep("--budget", "10", "--config", "../up=--text_width 8", "--", "--output_dir", "out", timeout=60)
     assert result.returncode == 2 and "start with a folder name" in result.stderr
+    result = _sweep("--budget", "0", "--config", "a=", "--", "--output_dir", "out", timeout=60)
+    assert result.returncode == 2 and "--budget 0 must be above 0 seconds" in result.stderr
+
+
+def test_the_output_folder_may_be_given_with_an_equals_sign_and_a_tilde(sweep, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args, common = sweep.parse(["--budget", "9", "--config", "a=--text_width 8", "--", "--output-dir=~/runs"])
+    assert args.root == tmp_path / "runs" and args.configs == {"a": ["--text_width", "8"]}
+    assert common == ["--output-dir=~/runs"]
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_the_run_is_resumed_or_replaced(sweep, tmp_path, capsys):
+    (tmp_path / "a" / "model").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        sweep.parse(["--budget", "9", "--config", "a=", "--", "--output_dir", str(tmp_path)])
+    assert f"{tmp_path / 'a'} already holds a run" in capsys.readouterr().err
+    for restart in (["--overwrite"], ["--resume_from_checkpoint", "latest"]):
+        sweep.parse(["--budget", "9", "--config", "a=", "--", "--output_dir", str(tmp_path), *restart])
+
+
+def test_a_run_that_fails_is_one_line_and_exit_1_with_nothing_left_running(tmp_path):
+    data = write_dataset(tmp_path / "data", n=4, seed=0)
+    out = tmp_path / "runs"
+    result = _sweep("--budget", "60", "--config", "broken=--unet_channels 4", "--", "--data_dir", str(data),
+                    "--output_dir", str(out), "--vae_path", str(embedded.embedded_model() / "vae"), *SHARED)
+    assert result.returncode == 1
+    assert f"broken: failed in calibration (exit 2); see {out / 'calibrate-broken.log'}" in result.stdout
+    assert not (out / "calibrate-broken").exists() and (out / "calibrate-broken.log").read_text().strip()
 
 
 @pytest.mark.slow
