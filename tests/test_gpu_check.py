@@ -130,3 +130,12 @@ def test_without_cuda_the_check_is_one_line(tmp_path):
         "(see README: GPU setup)."
     ]
     assert not (tmp_path / "work").exists()
+
+
+def test_an_up_front_refusal_that_still_wrote_records_fails(tmp_path, gpu_report, capsys):
+    _good_work(tmp_path)  # leaves the failed record of the other path in place
+    (tmp_path / "out-of-memory.exit").write_text("2\n")
+    (tmp_path / "out-of-memory.log").write_text("Error: ... needs about 652.1 GiB for one call on cuda, but 139.3 GiB "
+                                                "are available; use a smaller size.\n")
+    assert gpu_report.main(tmp_path) == 1
+    assert "FAILED out-of-memory: refused up front, yet records were written" in capsys.readouterr().out
