@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-SET_BY_THE_SWEEP = ("run_name", "max_steps", "eval_every", "checkpointing_steps", "output_dir")
+# Flags the sweep sets for each run; a configuration may not set the shared --output_dir either.
+SET_BY_THE_SWEEP = ("run_name", "max_steps", "eval_every", "checkpointing_steps")
+SHARED_BY_ALL = ("output_dir",)
 EVALUATIONS = 5
 POLL_S = 1.0
 
@@ -63,7 +65,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not shared.output_dir:
         parser.error("pass --output_dir (after --) for the runs")
     args.root = Path(shared.output_dir).expanduser()
-    taken = [name for name in _flag_names(common) if name in SET_BY_THE_SWEEP[:-1]]
+    taken = [name for name in _flag_names(common) if name in SET_BY_THE_SWEEP]
     if taken:
         parser.error(f"--{taken[0]} is set by the sweep for each run; remove it from the shared flags")
     args.configs = {}
@@ -74,7 +76,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if name in args.configs:
             parser.error(f"--config {name} is given twice; give each run its own name")
         own = shlex.split(flags)
-        taken = [flag for flag in _flag_names(own) if flag in SET_BY_THE_SWEEP]
+        taken = [flag for flag in _flag_names(own) if flag in SET_BY_THE_SWEEP + SHARED_BY_ALL]
         if taken:
             parser.error(f"--config {name}: --{taken[0]} is set by the sweep; remove it from that run's flags")
         args.configs[name] = own
