@@ -1,6 +1,9 @@
 """Shared test setup: no network, a private harness cache, the shipped embedded model."""
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -115,3 +118,13 @@ def make_record(sampler="flash-lcm", steps=4, seconds_per_image=0.1, *, baseline
         comparisons=[Comparison(*c) for c in comparisons],
     )
     return Record(**common, measured=measured)
+
+
+def load_script(name: str) -> ModuleType:
+    """A module of scripts/ (not a package), imported from its file so its functions can be called directly."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

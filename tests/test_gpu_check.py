@@ -1,7 +1,6 @@
 """scripts/gpu_check.sh: refuses a machine without CUDA in one line; its report catches what a GPU run can
 get wrong (missing CUDA memory figures, wrong UNet counts, an out-of-memory request that crashed)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,17 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_record
+from tests.conftest import load_script, make_record
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def gpu_report():
-    spec = importlib.util.spec_from_file_location("gpu_check_report", REPO / "scripts" / "gpu_check_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check_report")
 
 
 def _record(sampler: str, steps: int, baseline: bool, evaluations: int, seconds: float) -> dict:

@@ -1,6 +1,5 @@
 """scripts/pretrain_sweep.py: pretrain configurations side by side, each sized to a wall-clock budget."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from harness import embedded
 from harness.shapes import write_dataset
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain_sweep.py"
@@ -28,10 +28,7 @@ def _sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("pretrain_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrain_sweep")
 
 
 @pytest.mark.parametrize("flags, message", [
