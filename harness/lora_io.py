@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,11 @@ SAFETENSORS_DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
 }
+# The two namings of a LoRA layer's factors: diffusers' (down, up) and PEFT's (A, B).
+DIFFUSERS_NAMING = (".lora.down.", ".lora.up.")
+PEFT_NAMING = (".lora_A.", ".lora_B.")
+# The safetensors metadata entry diffusers writes a LoRA's LoraConfig fields into.
+LORA_METADATA_KEY = "lora_adapter_metadata"
 MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 
 
@@ -64,9 +69,9 @@ def save_diffusers_lora(unet: UNet2DConditionModel, folder: Path, adapter_name: 
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(  # type: ignore[no-untyped-call]  # diffusers leaves it unannotated
+    state = diffusers_key_naming(convert_state_dict_to_diffusers(  # type: ignore[no-untyped-call]  # unannotated
         get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    )
+    ))
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=state,
@@ -74,6 +79,43 @@ def save_diffusers_lora(unet: UNet2DConditionModel, folder: Path, adapter_name: 
         safe_serialization=True,
     )
     return Path(folder) / DIFFUSERS_LORA_FILE
+
+
+def diffusers_key_naming(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every LoRA key in diffusers' naming (``.lora.down.`` / ``.lora.up.``).
+
+    diffusers' ``convert_state_dict_to_diffusers`` renames only the attention projections' keys and leaves a
+    convolution's or feed-forward layer's ``lora_A`` / ``lora_B``; its loader then guesses the naming of the whole
+    file from the first key, so one file in both namings loads only part of its layers, without an error.
+    """
+    return {key.replace(PEFT_NAMING[0], DIFFUSERS_NAMING[0]).replace(PEFT_NAMING[1], DIFFUSERS_NAMING[1]): value
+            for key, value in state.items()}
+
+
+def mixes_key_namings(keys: Iterable[str]) -> bool:
+    """Whether LoRA keys come in both diffusers' (``.lora.down.``) and PEFT's (``.lora_A.``) naming."""
+    namings = {naming for key in keys for naming in (DIFFUSERS_NAMING, PEFT_NAMING)
+               if naming[0] in key or naming[1] in key}
+    return len(namings) == 2
+
+
+def load_mixed_naming_lora(pipe: StableDiffusionPipeline, path: Path) -> None:
+    """Load a UNet LoRA file whose keys mix both namings (see ``diffusers_key_naming``) at its scale, not fused.
+
+    Such files come from harness before it wrote one naming, or from scripts that save
+    ``convert_state_dict_to_diffusers`` output of a LoRA on more than the attention projections.
+    Raises ValueError when the file holds more than the UNet's LoRA.
+    """
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as tensors:
+        keys, file_metadata = list(tensors.keys()), tensors.metadata() or {}
+        if not all(key.startswith("unet.") for key in keys):
+            raise ValueError(f"{path.name} mixes two LoRA key namings and holds more than a UNet LoRA; save it "
+                             "again with one naming")
+        state = diffusers_key_naming({key: tensors.get_tensor(key) for key in keys})
+    metadata = json.loads(file_metadata[LORA_METADATA_KEY]) if LORA_METADATA_KEY in file_metadata else None
+    pipe.load_lora_into_unet(state, network_alphas=None, unet=pipe.unet, metadata=metadata, _pipeline=pipe)
 
 
 def peft_adapter_folder(location: str, weight_name: str | None) -> Path | None:

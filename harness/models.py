@@ -213,13 +213,16 @@ def _refuse_pickle(path: Path) -> None:
 def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = True) -> None:
     """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it.
 
-    A PEFT adapter folder goes through lora_io instead, which load_lora_weights would silently skip.
+    A PEFT adapter folder, and a file whose keys mix diffusers' and PEFT's naming, go through lora_io instead:
+    load_lora_weights would silently skip the one and load only part of the other.
     """
     peft_folder = lora_io.peft_adapter_folder(source.location, source.weight_name) if source.kind == "local" else None
     local_file = _checked_lora_file(source) if source.kind == "local" else None
     try:
         if peft_folder is not None:
             lora_io.load_peft_adapter(pipe, peft_folder)
+        elif local_file is not None and lora_io.mixes_key_namings(lora_io.safetensors_header(local_file)):
+            lora_io.load_mixed_naming_lora(pipe, local_file)
         elif source.kind == "generated":
             from harness.embedded import random_lora_state
 
