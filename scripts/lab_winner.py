@@ -1,10 +1,13 @@
-"""Print which LoRA of the embedded lab ships: the best mean of the ranking metric at 2 and 4 steps.
+"""Print which LoRA of the embedded lab ships: the one that meets most of the issue's targets at 2 and 4 steps,
+then the best mean of the ranking metric there.
 
     python scripts/lab_winner.py LEADERBOARD_JSON NAME [NAME ...]
 
-NAME is a LoRA's training run name without its ``_lora`` suffix (distill, lcm, flash): the rows of
+NAME is a LoRA's training run name without its ``_lora`` suffix (distill, lcm, flash, lcm_flash): the rows of
 ``harness leaderboard`` whose LoRA lies in a folder ``NAME_lora`` are that LoRA's. Only the
-local-student rows count, so a LoRA is judged as local-student and flash-lcm sample it.
+local-student rows count, so a LoRA is judged as local-student and flash-lcm sample it. The targets (issue 12),
+at each of 2 and 4 steps: fidelity within 0.05 of the teacher's, at least 0.20 above the model without LoRA
+(``undistilled``) at the same steps, coverage within 0.10 of the teacher's. Each LoRA's tally goes to stderr.
 """
 
 from __future__ import annotations
@@ -14,19 +17,41 @@ import sys
 from pathlib import Path
 
 STEPS = (2, 4)
+GAP_TO_TEACHER = 0.05
+GAIN_OVER_UNDISTILLED = 0.20
+COVERAGE_GAP = 0.10
+
+
+def targets_met(row: dict, teacher: dict, undistilled: dict) -> int:
+    """How many of the three targets one LoRA row meets (fidelity and coverage as ``harness.judge`` scores)."""
+    fidelity, coverage = row["metrics"]["fidelity"], row["metrics"]["coverage"]
+    return sum((
+        teacher["metrics"]["fidelity"] - fidelity <= GAP_TO_TEACHER,
+        fidelity - undistilled["metrics"]["fidelity"] >= GAIN_OVER_UNDISTILLED,
+        abs(coverage - teacher["metrics"]["coverage"]) <= COVERAGE_GAP,
+    ))
 
 
 def main() -> None:
     board, names = Path(sys.argv[1]), sys.argv[2:]
     document = json.loads(board.read_text(encoding="utf-8"))
-    sign = 1 if document["higher_is_better"] else -1
+    if document["metric"] != "fidelity":
+        sys.exit(f"{board}: ranked by {document['metric']}; the lab's targets are on fidelity")
+    rows = document["rows"]
+    teacher = next((row for row in rows if row["baseline"]), None)
+    undistilled = {row["steps"]: row for row in rows if row["sampler"] == "undistilled"}
+    if teacher is None or not all(steps in undistilled for steps in STEPS):
+        sys.exit(f"{board}: the lab needs the teacher's row and undistilled at {STEPS} steps")
     scores = {}
     for name in names:
-        values = [row["value"] for row in document["rows"]
-                  if row["sampler"] == "local-student" and row["steps"] in STEPS and row["value"] is not None
-                  and f"/{name}_lora/" in f"{row['lora']}/"]
-        if len(values) == len(STEPS):
-            scores[name] = sign * sum(values) / len(values)
+        mine = {row["steps"]: row for row in rows
+                if row["sampler"] == "local-student" and row["steps"] in STEPS and row["value"] is not None
+                and f"/{name}_lora/" in f"{row['lora']}/"}
+        if len(mine) == len(STEPS):
+            met = sum(targets_met(mine[steps], teacher, undistilled[steps]) for steps in STEPS)
+            mean = sum(mine[steps]["value"] for steps in STEPS) / len(STEPS)
+            scores[name] = (met, mean)
+            print(f"{name}: {met} of {3 * len(STEPS)} targets met, mean fidelity {mean:.3f}", file=sys.stderr)
     if not scores:
         sys.exit(f"{board}: no local-student rows at {STEPS} steps for any of {', '.join(names)}")
     print(max(scores, key=scores.__getitem__))
