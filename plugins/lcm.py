@@ -35,12 +35,21 @@ from harness.training.lora import distance
 
 #: Few-step schedules shown in validation grids.
 VALIDATION_STEPS = (2, 4, 8)
+#: The UNet layers LCM-LoRA puts its LoRA on: attention, feed-forward, resnet convolutions and time projections,
+#: the down- and upsamplers (diffusers' LCM-LoRA training script, whose SD 1.5 LoRA is rank 64).
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
 @dataclass
 class LcmConfig(LoraTrainConfig):
     """Settings of the lcm trainer: the teacher's solver and guidance, the boundary scalings, the loss."""
 
+    lora_rank: int = setting(64, "LoRA rank (LCM-LoRA's 64).", minimum=1)
+    lora_alpha: int = setting(64, "LoRA alpha; the LoRA acts at scale alpha / rank (LCM-LoRA's 64: scale 1).",
+                              minimum=1)
+    lora_target_modules: tuple[str, ...] = setting(
+        LCM_LORA_TARGETS, "UNet modules that get a LoRA (several after one flag; default: LCM-LoRA's layers).")
     num_ddim_timesteps: int = setting(50, "Timesteps of the teacher's DDIM solver (it skips "
                                           "num_train_timesteps / N timesteps per step).", minimum=1)
     w_min: float = setting(5.0, "Smallest guidance w of the teacher (LCM convention: cfg scale 1 + w).", minimum=0)
