@@ -22,14 +22,14 @@ GAIN_OVER_UNDISTILLED = 0.20
 COVERAGE_GAP = 0.10
 
 
-def targets_met(row: dict, teacher: dict, undistilled: dict) -> int:
-    """How many of the three targets one LoRA row meets (fidelity and coverage as ``harness.judge`` scores)."""
+def targets(row: dict, teacher: dict, undistilled: dict) -> tuple[bool, ...]:
+    """Whether one LoRA row meets each target (fidelity and coverage as ``harness.judge`` scores)."""
     fidelity, coverage = row["metrics"]["fidelity"], row["metrics"]["coverage"]
-    return sum((
+    return (
         teacher["metrics"]["fidelity"] - fidelity <= GAP_TO_TEACHER,
         fidelity - undistilled["metrics"]["fidelity"] >= GAIN_OVER_UNDISTILLED,
         abs(coverage - teacher["metrics"]["coverage"]) <= COVERAGE_GAP,
-    ))
+    )
 
 
 def main() -> None:
@@ -48,10 +48,10 @@ def main() -> None:
                 if row["sampler"] == "local-student" and row["steps"] in STEPS and row["value"] is not None
                 and f"/{name}_lora/" in f"{row['lora']}/"}
         if len(mine) == len(STEPS):
-            met = sum(targets_met(mine[steps], teacher, undistilled[steps]) for steps in STEPS)
+            checks = [met for steps in STEPS for met in targets(mine[steps], teacher, undistilled[steps])]
             mean = sum(mine[steps]["value"] for steps in STEPS) / len(STEPS)
-            scores[name] = (met, mean)
-            print(f"{name}: {met} of {3 * len(STEPS)} targets met, mean fidelity {mean:.3f}", file=sys.stderr)
+            scores[name] = (sum(checks), mean)
+            print(f"{name}: {sum(checks)} of {len(checks)} targets met, mean fidelity {mean:.3f}", file=sys.stderr)
     if not scores:
         sys.exit(f"{board}: no local-student rows at {STEPS} steps for any of {', '.join(names)}")
     print(max(scores, key=scores.__getitem__))
