@@ -39,9 +39,18 @@ class RecordError(HarnessError):
 
 
 def one_line(error: BaseException) -> str:
-    """The error in one line: a HarnessError's own text, anything else as ``Type: first line``."""
+    """The error in one line: a HarnessError's own text, anything else as ``Type: first line``.
+
+    A first line that ends in a colon only announces what follows (torch's "Error(s) in loading state_dict
+    for UNet2DConditionModel:"), so the line after it, the one naming the problem, joins it, with a count of
+    any further lines.
+    """
     if isinstance(error, HarnessError):
         text = str(error.message)
     else:
         text = f"{type(error).__name__}: {str(error).strip()}".rstrip(": ")
-    return (text.strip().splitlines() or [type(error).__name__])[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    if not lines[0].endswith(":") or len(lines) == 1:
+        return lines[0]
+    further = len(lines) - 2
+    return f"{lines[0]} {lines[1]}" + (f" (and {further} more)" if further else "")

@@ -7,9 +7,11 @@ embedded model exercises exactly the code GPU users run.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,19 +221,8 @@ def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = Tr
     peft_folder = lora_io.peft_adapter_folder(source.location, source.weight_name) if source.kind == "local" else None
     local_file = _checked_lora_file(source) if source.kind == "local" else None
     try:
-        if peft_folder is not None:
-            lora_io.load_peft_adapter(pipe, peft_folder)
-        elif local_file is not None and lora_io.mixes_key_namings(lora_io.safetensors_header(local_file)):
-            lora_io.load_mixed_naming_lora(pipe, local_file)
-        elif source.kind == "generated":
-            from harness.embedded import random_lora_state
-
-            rank = GENERATED_LORA_RANK
-            pipe.load_lora_weights(random_lora_state(pipe, rank=rank, alpha=rank))
-        else:
-            # The checked file by name: diffusers' own guess in a folder of several would be listing order.
-            weight_name = local_file.name if local_file is not None else source.weight_name
-            pipe.load_lora_weights(source.location, weight_name=weight_name, use_safetensors=True)
+        with _lora_load_errors_unlogged():
+            _load_lora_weights(pipe, source, peft_folder, local_file)
     except Exception as error:  # noqa: BLE001
         reason = one_line(error)
         if source.kind == "hub":
@@ -239,6 +230,36 @@ def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = Tr
         raise HarnessError(_local_lora_failure(source, reason)) from None
     if fuse:
         pipe.fuse_lora()
+
+
+def _load_lora_weights(pipe: StableDiffusionPipeline, source: LoraSource, peft_folder: Path | None,
+                       local_file: Path | None) -> None:
+    if peft_folder is not None:
+        lora_io.load_peft_adapter(pipe, peft_folder)
+    elif local_file is not None and lora_io.mixes_key_namings(lora_io.safetensors_header(local_file)):
+        lora_io.load_mixed_naming_lora(pipe, local_file)
+    elif source.kind == "generated":
+        from harness.embedded import random_lora_state
+
+        rank = GENERATED_LORA_RANK
+        pipe.load_lora_weights(random_lora_state(pipe, rank=rank, alpha=rank))
+    else:
+        # The checked file by name: diffusers' own guess in a folder of several would be listing order.
+        weight_name = local_file.name if local_file is not None else source.weight_name
+        pipe.load_lora_weights(source.location, weight_name=weight_name, use_safetensors=True)
+
+
+@contextmanager
+def _lora_load_errors_unlogged() -> Iterator[None]:
+    """diffusers logs a failed LoRA load (torch's whole multi-line message) before raising it; harness reports
+    the raised error in one line instead, so that log is held back while a LoRA loads."""
+    logger = logging.getLogger("diffusers.loaders.peft")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _checked_lora_file(source: LoraSource) -> Path | None:
@@ -261,8 +282,8 @@ def _checked_lora_file(source: LoraSource) -> Path | None:
 
 
 def _local_lora_failure(source: LoraSource, reason: str) -> str:
-    return (f"cannot load LoRA from '{source.location}': {reason}. Check that it is a diffusers LoRA for this base "
-            "model, saved in safetensors.")
+    return (f"cannot load LoRA from '{source.location}': {reason.rstrip('.')}. Check that it is a diffusers LoRA for "
+            "this base model, saved in safetensors.")
 
 
 def few_step_scheduler(scheduler_config: Mapping[str, Any]) -> LCMScheduler:

@@ -159,6 +159,40 @@ def test_lora_for_another_architecture_is_one_line(tmp_path, embedded_model):
     assert "Traceback" not in result.output
 
 
+
+def test_a_lora_whose_shapes_do_not_fit_names_the_layer_in_one_line(tmp_path, embedded_model, capfd):
+    from safetensors.torch import load_file, save_file
+
+    from harness.embedded import embedded_lora
+
+    weights = load_file(embedded_lora() / "pytorch_lora_weights.safetensors")
+    name = sorted(weights)[0]
+    rows, columns = weights[name].shape
+    weights[name] = weights[name].new_zeros(rows + 1, columns)  # one rank too many in one layer
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file(weights, lora / "pytorch_lora_weights.safetensors")
+    result = invoke("bench", "--lora_path", lora, "--steps", "2", "--outdir", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    # torch's message names the layer on its second line; the one line keeps it.
+    assert f"cannot load LoRA from '{lora}'" in error
+    assert f"size mismatch for {name.split('.', 1)[1].split('.lora')[0]}" in error
+    assert f"torch.Size([{rows + 1}, {columns}]) from checkpoint" in error
+    # diffusers' own log of the failure (torch's whole message) is not printed beside it.
+    assert "unsuccessful" not in capfd.readouterr().err
+
+
+def test_one_line_joins_a_heading_to_the_line_it_announces():
+    from harness.errors import one_line
+
+    heading = RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for a: 2 vs 3.\n\tb\n\tc")
+    assert one_line(heading) == ("RuntimeError: Error(s) in loading state_dict for Net: size mismatch for a: 2 vs 3. "
+                                 "(and 2 more)")
+    assert one_line(RuntimeError("heading:\n\tdetail")) == "RuntimeError: heading: detail"
+    assert one_line(ValueError("first line\nsecond line")) == "ValueError: first line"
+    assert one_line(KeyError()) == "KeyError"
+
 def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_path, monkeypatch, embedded_model):
     import errno
 
