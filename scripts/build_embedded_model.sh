@@ -95,3 +95,10 @@ python "$HERE/scripts/export_embedded.py" "$TEACHER" "$WORK/${WINNER}_lora/lora/
 log "the README's figures: docs/embedded-compare.png and docs/embedded-leaderboard.png"
 python "$HERE/scripts/lab_compare.py" "$WORK/lab" "$WINNER" "$HERE/docs/embedded-compare.png"
 cp "$WORK/lab/leaderboard/leaderboard.png" "$HERE/docs/embedded-leaderboard.png"
+
+# The issue's targets on seeds the choice above never saw: the exported weights, as --model embedded loads them,
+# on the same 64 prompts with seed 200. targets.md is the README's targets table.
+log "fresh seeds: the shipped teacher, undistilled and flash-lcm on seed 200; the targets table"
+run_once "$WORK/lab/fresh_seeds" harness eval --model embedded --sampler undistilled flash-lcm --prompts held-out \
+  --num_images 4 --seed 200 --steps 1 2 4 --metric fidelity coverage --warmup 1 --repeats 1 --quiet
+python "$HERE/scripts/lab_targets.py" "$WORK/lab/fresh_seeds" > "$WORK/lab/targets.md"

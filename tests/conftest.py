@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -122,9 +123,13 @@ def make_record(sampler="flash-lcm", steps=4, seconds_per_image=0.1, *, baseline
 
 def load_script(name: str) -> ModuleType:
     """A module of scripts/ (not a package), imported from its file so its functions can be called directly."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    path = scripts / f"{name}.py"
+    if str(scripts) not in sys.path:
+        sys.path.append(str(scripts))  # as `python scripts/NAME.py` has it: scripts import one another
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
