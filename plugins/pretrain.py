@@ -96,6 +96,11 @@ class PretrainConfig(TrainConfig):
     prediction_type: str = setting("v_prediction", "What the UNet predicts.", choices=("v_prediction", "epsilon"))
     zero_terminal_snr: bool = setting(True, "Rescale SD's betas to zero terminal SNR (pure noise at t=999).")
     caption_dropout: float = setting(0.1, "Fraction of captions replaced by the empty prompt.", minimum=0)
+    timestep_sampling: str = setting("uniform", "How UNet-stage timesteps are drawn: uniform, or logit_normal "
+                                                "(SD3's: t/1000 = sigmoid of a normal; more draws mid-schedule).",
+                                     choices=("uniform", "logit_normal"))
+    logit_mean: float = setting(0.0, "Mean of that normal (logit_normal only; SD3's default 0).")
+    logit_std: float = setting(1.0, "Its standard deviation (logit_normal only; SD3's default 1).", minimum=0)
     eval_every: int = setting(500, "Judge the held-out prompts every N UNet steps (and at the end).", minimum=1)
     eval_prompts: int = setting(64, "How many of the 64 held-out prompts to judge.", minimum=1)
     eval_steps: int = setting(30, "Sampling steps of that evaluation.", minimum=1)
@@ -423,9 +428,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
         keep = torch.rand(len(captions), generator=generator, device=generator.device) >= self.config.caption_dropout
         captions = [text if kept else "" for text, kept in zip(captions, keep.tolist())]
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-        timesteps = torch.randint(
-            0, self.schedule.alphas_cumprod.numel(), (latents.shape[0],), generator=generator, device=generator.device
-        ).to(latents.device)
+        timesteps = training_timesteps(self.config, self.schedule.alphas_cumprod.numel(), latents.shape[0],
+                                       generator).to(latents.device)
         model = self.model
         return denoising_losses(model.unet, model.text_encoder, self.pipe.tokenizer, self.schedule, latents, captions,
                                 timesteps, noise).mean()
@@ -472,6 +476,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
             f"UNet stage: batch {config.batch_size} x "
             f"{config.gradient_accumulation_steps}, AdamW {config.learning_rate:g} ({config.lr_scheduler}, "
             f"{config.lr_warmup_steps} warmup steps), caption dropout {config.caption_dropout:g}, seed {self.seed}"
+            + (f", timesteps logit-normal ({config.logit_mean:g}, {config.logit_std:g})"
+               if config.timestep_sampling == "logit_normal" else "")
             + (f", weights averaged (EMA decay {config.ema_decay:g})" if config.ema_decay else "") + ".",
         ]
         if config.init_from is not None:
@@ -593,6 +599,18 @@ class PretrainTrainer(LatentDiffusionTrainer):
                                         self._reliance_examples, self.schedule.alphas_cumprod.numel(), self.seed)
         finally:
             model.train(was_training)
+
+
+def training_timesteps(config: PretrainConfig, num_timesteps: int, count: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """``count`` training timesteps: uniform over the schedule, or logit-normal as SD3 draws them (Esser et al.
+    2024, section 3.1: t/T = sigmoid(u), u ~ N(logit_mean, logit_std)), which trains the middle of the schedule,
+    where a picture's shapes are settled, more often than its ends."""
+    if config.timestep_sampling == "uniform":
+        return torch.randint(0, num_timesteps, (count,), generator=generator, device=generator.device)
+    normal = torch.randn(count, generator=generator, device=generator.device)
+    fraction = torch.sigmoid(config.logit_mean + config.logit_std * normal)
+    return (fraction * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 def denoising_losses(unet, text_encoder, tokenizer, schedule: NoiseSchedule, latents: torch.Tensor,

@@ -165,3 +165,35 @@ def test_bad_init_and_average_settings_are_one_line(tmp_path, data, straight, op
                     *option, *TINY)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_logit_normal_timesteps_train_the_middle_of_the_schedule_more():
+    from harness_plugins.pretrain import PretrainConfig, training_timesteps
+
+    def draw(**settings):
+        config = PretrainConfig(data_dir="unused", **settings)
+        return training_timesteps(config, 1000, 20000, torch.Generator().manual_seed(0)).float()
+
+    uniform, middle = draw(), draw(timestep_sampling="logit_normal")
+    later = draw(timestep_sampling="logit_normal", logit_mean=1.0)
+    for drawn in (uniform, middle, later):
+        assert drawn.min() >= 0 and drawn.max() <= 999 and torch.equal(drawn, drawn.round())
+
+    def share_between(drawn, low, high):
+        return ((drawn >= low) & (drawn < high)).float().mean().item()
+
+    # sigmoid(N(0, 1)): 31% of draws in t 400-599 (uniform: 20%), 1.4% above 900 (uniform: 10%).
+    assert share_between(uniform, 400, 600) == pytest.approx(0.20, abs=0.01)
+    assert share_between(middle, 400, 600) == pytest.approx(0.31, abs=0.01)
+    assert share_between(middle, 900, 1000) == pytest.approx(0.014, abs=0.005)
+    assert later.median().item() == pytest.approx(1000 * torch.sigmoid(torch.tensor(1.0)).item(), abs=10)
+    assert torch.equal(middle, draw(timestep_sampling="logit_normal"))  # the seed fixes the draws
+
+
+def test_the_timestep_sampling_reaches_the_loss_and_the_card(tmp_path, data):
+    uniform = _train(data, tmp_path / "uniform", 2)  # step 1 is warmup at learning rate 0
+    middle = _train(data, tmp_path / "middle", 2, "--timestep_sampling", "logit_normal", "--logit_std", "0.5")
+    assert not _same(_weights(uniform / "model" / "final"), _weights(middle / "model" / "final"))
+    card = (middle / "model" / "final" / "README.md").read_text()
+    assert "timesteps logit-normal (0, 0.5)" in card
+    assert "logit-normal" not in (uniform / "model" / "final" / "README.md").read_text()
