@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +27,7 @@ from harness.options import build, click_options, multi_value_flags
 from harness.plugins import PLUGIN_DIRS_ENV, Registry, get_registry
 from harness.prompts import load_prompts
 from harness.rundir import FolderLock, Replacement
-from harness.runner import MAX_SEED, BenchOptions, BenchRun, BenchSpec, plan
+from harness.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec, plan
 from harness.speed import SpeedOptions
 from harness.timing import TimingSettings
 from harness.train_cli import train
@@ -202,13 +202,16 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
     if outdir is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         outdir = str(Path("results") / f"{stamp}-{'-'.join(samplers)}")
+    baseline_outdir = Path(options.baseline_outdir) if options.baseline_outdir else None
+    if baseline_outdir is not None:
+        _check_baseline_path(baseline_outdir, Path(outdir))
     sampler_options = {name: build(registry.sampler(name).cls.Options, plugin_values) for name in samplers}
     metric_options = {name: build(registry.metric(name).cls.Options, plugin_values) for name in options.metrics}
     return BenchSpec(
         samplers=tuple(samplers), steps=tuple(dict.fromkeys(options.steps)), prompts=tuple(prompts), model=model_name,
         outdir=Path(outdir), num_images=options.num_images, seed=options.seed,
         baseline_steps=options.baseline_steps, baseline_guidance=options.baseline_guidance,
-        baseline_outdir=Path(options.baseline_outdir) if options.baseline_outdir else None,
+        baseline_outdir=baseline_outdir,
         lora_path=options.lora_path, lora_id=options.lora_id, device=options.device, dtype=options.dtype,
         height=options.height, width=options.width, timing=timing_settings, speed=speed, batch=options.batch,
         sampler_options=sampler_options, metrics=tuple(dict.fromkeys(options.metrics)), metric_options=metric_options,
@@ -239,20 +242,33 @@ def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
         return
 
     lock = FolderLock(spec.outdir, "--outdir")
-    replacement = Replacement(spec.outdir)
+    locks = [lock]
+    # Runs may share a --baseline_outdir: it gets its own lock, unless it is the run folder itself.
+    if spec.baseline_outdir is not None and spec.baseline_outdir.resolve() != spec.outdir.resolve():
+        locks.append(FolderLock(spec.baseline_outdir, "--baseline_outdir", "baseline folder"))
+    replacement = Replacement(spec.outdir, _bench_entries(registry))
 
     def start() -> BenchRun:
         # Resolves device and model first: a bad one leaves no empty folder behind.
         run = BenchRun(spec, registry, world=world)
         if world.is_main:
-            created = not spec.outdir.exists()
-            lock.acquire()  # held until this process ends the run: one run per folder
+            created = [_first_missing(held.folder) for held in locks]
             try:
+                lock.acquire()  # held until this process ends the run: one run per folder
                 _prepare_outdir(spec.outdir, options.overwrite, replacement)
+                # After the move-aside: a baseline folder inside --outdir may have moved with the earlier run.
+                for held in locks[1:]:
+                    held.acquire()
+                if spec.baseline_outdir is not None:
+                    _check_baseline_folder(run, spec.baseline_outdir, options.overwrite)
             except BaseException:
-                lock.release()
-                if created:
-                    shutil.rmtree(spec.outdir, ignore_errors=True)
+                if replacement.pending:
+                    replacement.restore()
+                for held in locks:
+                    held.release()
+                for folder in created:
+                    if folder is not None:
+                        shutil.rmtree(folder, ignore_errors=True)
                 raise
             run.on_loaded = replacement.commit  # the earlier run goes once the new one has a model
         return run
@@ -265,7 +281,8 @@ def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
             if replacement.pending:  # not one sampler loaded: the earlier run stays
                 replacement.restore()
                 click.echo(f"The earlier run in '{spec.outdir}' was kept: no sampler of the new run loaded.", err=True)
-            lock.release()
+            for held in locks:
+                held.release()
 
 
 def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.World) -> None:
@@ -325,6 +342,45 @@ def _warn(warnings: list[str]) -> None:
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder that making ``folder`` creates, to remove when the run cannot start."""
+    return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
+
+
+def _is_run_file(name: str) -> bool:
+    """Whether a bench run writes a file of this name into --outdir."""
+    from harness.plots import LATENCY_PLOT, QUALITY_PLOT
+
+    fixed = (records.RECORDS_FILE, records.SUMMARY_FILE, LATENCY_PLOT, QUALITY_PLOT, html_report.HTML_FILE)
+    return name in fixed or RUN_IMAGE.fullmatch(name) is not None
+
+
+def _bench_entries(registry: Registry) -> Callable[[str], bool]:
+    """Whether an entry of --outdir is a bench run's (what --overwrite replaces): its files and its baseline and
+    sampler subfolders; never a user's other files (--outdir may be a project folder)."""
+    folders = {"baseline", *registry.samplers}
+    return lambda name: name in folders or _is_run_file(name)
+
+
+def _check_baseline_path(folder: Path, outdir: Path) -> None:
+    """A --baseline_outdir inside --outdir must not be (or lie in) a file the run writes there."""
+    try:
+        inside = folder.resolve().relative_to(outdir.resolve()).parts
+    except ValueError:
+        return
+    if inside and _is_run_file(inside[0]):
+        raise HarnessError(f"cannot write to baseline folder '{folder}': the run writes its file '{inside[0]}' "
+                           "there; pass another --baseline_outdir.")
+
+
+def _check_baseline_folder(run: BenchRun, folder: Path, overwrite: bool) -> None:
+    """Refuse to replace baseline images another run's records may describe, unless --overwrite."""
+    existing = next((path for path in run.baseline_files() if path.exists() or path.is_symlink()), None)
+    if existing is not None and not overwrite:
+        raise HarnessError(f"'{folder}' already holds baseline images ({existing.name}); pass a new "
+                           "--baseline_outdir or add --overwrite to replace them.")
 
 
 def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> None:

@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import TracebackType
 
@@ -28,9 +28,10 @@ REPLACED_FOLDER = ".replaced-run"
 class FolderLock:
     """An exclusive advisory lock on a run folder (created if missing), held until :meth:`release`."""
 
-    def __init__(self, folder: Path, option: str):
+    def __init__(self, folder: Path, option: str, kind: str = "output folder"):
         self.folder = Path(folder)
         self.option = option  # the option that names the folder, for the message: --outdir, --output_dir
+        self.kind = kind
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
@@ -38,7 +39,7 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as error:
-            raise HarnessError(f"cannot write to output folder '{self.folder}': {error.strerror or error}; pass a "
+            raise HarnessError(f"cannot write to {self.kind} '{self.folder}': {error.strerror or error}; pass a "
                                f"writable {self.option}.") from None
         try:
             _lock(fd)
@@ -78,19 +79,20 @@ class Replacement:
     """An earlier run's files moved aside inside its folder, to delete or to put back.
 
     ``names`` limits it to the files a run writes (a training run keeps the run folders of its earlier stages
-    beside them, which the new run needs); by default it is everything in the folder but the lock.
+    beside them, which the new run needs; a bench run's folder may be a user's project folder): the names, or a
+    test of a name. By default it is everything in the folder but the lock.
     """
 
-    def __init__(self, folder: Path, names: Collection[str] | None = None):
+    def __init__(self, folder: Path, names: Collection[str] | Callable[[str], bool] | None = None):
         self.folder = Path(folder)
-        self.names = None if names is None else frozenset(names)
+        self.owns = (lambda _: True) if names is None else names if callable(names) else frozenset(names).__contains__
         self.aside = self.folder / REPLACED_FOLDER
         self.pending = False
 
     def _entries(self) -> list[Path]:
         """The run's own entries in the folder now (the new run's, once the earlier one is aside)."""
         found = [entry for entry in self.folder.iterdir() if entry.name not in (LOCK_FILE, REPLACED_FOLDER)]
-        return [entry for entry in found if self.names is None or entry.name in self.names]
+        return [entry for entry in found if self.owns(entry.name)]
 
     def recover(self) -> str | None:
         """Put back an earlier run that an --overwrite run killed before it could commit or restore left aside;

@@ -17,6 +17,7 @@ import gc
 import hashlib
 import platform
 import random
+import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,12 @@ def _relative_or_absolute(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+# What file_names and comparison_name call a run's images, grids and comparisons: an --overwrite run replaces
+# these in the run folder, and no other file a user keeps there.
+RUN_IMAGE = re.compile(r"(image|baseline)_s\d+_i\d+(_seed\d+)?\.png|grid_(baseline_)?s\d+(_seed\d+)?\.png"
+                       r"|compare_.+\.png")
 
 
 def seed_suffix(seed: int | None) -> str:
@@ -573,6 +580,13 @@ class BenchRun:
     @property
     def records_path(self) -> Path:
         return self.writer.records_path
+
+    def baseline_files(self) -> list[Path]:
+        """Every image and grid the baselines will write: another run's records may describe the ones there."""
+        images = len(self.plan.prompts) * self.plan.num_images
+        names = (name for task in self.plan.baselines for index in range(images)
+                 for name in file_names(task, index, self.spec.seed))
+        return [self.outdir / name for name in dict.fromkeys(names)]
 
     def run(self) -> list[Record]:
         # Every rank must draw its images from the same seeds: rank 0's seed is the run's.
