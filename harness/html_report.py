@@ -40,6 +40,9 @@ from harness.schema import Record, successful
 HTML_FILE = "index.html"
 
 CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+# Every page harness writes carries this tag near its top; it tells a page that may be replaced from any other file.
+PAGE_MARK = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'.encode()
+PAGE_HEAD_BYTES = 1024
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fff; }
@@ -154,7 +157,7 @@ class ImageSource:
 
     def _src(self, name: str) -> str:
         if not self.embed:
-            return quote(Path(name).as_posix())
+            return quote(Path(name).as_posix(), errors="surrogateescape")  # a non-UTF-8 name: its own bytes
         mime = mimetypes.guess_type(name)[0] or "image/png"
         return f"data:{mime};base64,{base64.b64encode((self.run_dir / name).read_bytes()).decode('ascii')}"
 
@@ -213,7 +216,7 @@ def _document(title: str, body: Sequence[str]) -> str:
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        PAGE_MARK.decode(),
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_text(title)}</title>",
         f"<style>\n{STYLE}\n</style>",
@@ -266,8 +269,12 @@ def run_page(run_dir: Path, records: Sequence[Record]) -> tuple[str, list[str]]:
 
 def write_run_page(run_dir: Path, records: Sequence[Record]) -> list[str]:
     """Write ``index.html`` into the run folder; return one warning per image it could not show."""
+    path = Path(run_dir) / HTML_FILE
+    if not _replaceable(path):
+        raise HarnessError(f"'{path}' exists and is not a page harness wrote; move it out of the run folder, then "
+                           f"write the page with harness report '{run_dir}' --html.")
     text, warnings = run_page(run_dir, records)
-    _write(Path(run_dir) / HTML_FILE, text, "free some space or make the run folder writable")
+    _write(path, text, "free some space or make the run folder writable")
     return warnings
 
 
@@ -299,9 +306,30 @@ def write_compare_page(out: Path, sides: Sequence[Side], tables: Sequence[Table]
     if not out.parent.is_dir():
         raise HarnessError(f"cannot write '{out}': the folder '{out.parent}' does not exist; create it or pass "
                            "--html a path in an existing folder.")
+    if not _replaceable(out):
+        raise HarnessError(f"--html '{out}' is an existing file that is not a page harness wrote (such as a run's "
+                           f"{RECORDS_FILE}); pass --html a new file name, e.g. compare.html.")
     text, warnings = compare_page(sides, tables, notes)
     _write(out, text, "free some space or pass --html a path in a writable folder")
     return warnings
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether a page may be written to ``path``: nothing is there, or a page harness wrote (an earlier run's or
+    comparison's), never a file of a run (records.jsonl, an image) or a page of someone else."""
+    try:
+        if not path.exists():
+            return True
+    except OSError:
+        return True  # a name too long: the write fails and says so
+    if not path.is_file():
+        return False  # a folder, or a FIFO that reading would wait on forever
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(PAGE_HEAD_BYTES)
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and PAGE_MARK in head
 
 
 def _write(path: Path, text: str, fix: str) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -314,13 +315,16 @@ def _candidates(location: str, run: Run) -> list[Path]:
 def find_training_run(location: str, run: Run) -> Path | None:
     """The ``harness train`` run folder a LoRA lies in (it holds train_log.jsonl, or a config.json naming a
     trainer), looking at most RUN_FOLDER_LEVELS folders up from the LoRA's own; None when there is none."""
-    for candidate in _candidates(location, run):
-        folder = candidate.parent if candidate.suffix == ".safetensors" else candidate
-        if not folder.is_dir():
-            continue
-        for level in (folder, *folder.parents[:RUN_FOLDER_LEVELS]):
-            if (level / TRAIN_LOG).is_file() or _trainer(level) is not None:
-                return level
+    try:
+        for candidate in _candidates(location, run):
+            folder = candidate.parent if candidate.suffix == ".safetensors" else candidate
+            if not folder.is_dir():
+                continue
+            for level in (folder, *folder.parents[:RUN_FOLDER_LEVELS]):
+                if (level / TRAIN_LOG).is_file() or _trainer(level) is not None:
+                    return level
+    except (OSError, RuntimeError):  # a location no folder can have: a name too long, '~user' of no user
+        pass
     return None
 
 
@@ -352,8 +356,10 @@ def _logged(folder: Path) -> list[tuple[int, float]]:
         if not isinstance(entry, dict):
             continue
         step, seconds = entry.get("step"), entry.get("seconds")
-        if isinstance(step, int) and not isinstance(step, bool) and isinstance(seconds, (int, float)) \
-                and not isinstance(seconds, bool) and math.isfinite(seconds):
+        # A step beyond the float range could be neither shown nor divided by the seconds.
+        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= sys.float_info.max \
+                and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+                and abs(seconds) <= sys.float_info.max:
             found.append((step, float(seconds)))
     return found
 

@@ -6,6 +6,7 @@ no global matplotlib state (backend, current figure) of the process that calls i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -88,7 +89,12 @@ def _finish(figure: Figure, axes: Axes, title: str, path: Path) -> Path:
     """Title, grid and legend, then the PNG written atomically."""
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    legend = axes.legend()
+    for text in (axes.title, axes.xaxis.label, axes.yaxis.label, *axes.texts, *legend.get_texts()):
+        # Labels come from records and folder names: '$' must not start mathtext, and a folder name that is not
+        # UTF-8 (lone surrogates, '\udcff') is shown escaped, since the font cannot lay them out.
+        text.set_parse_math(False)
+        text.set_text(text.get_text().encode("utf-8", "backslashreplace").decode("utf-8"))
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
     return path
@@ -104,12 +110,15 @@ class QualityPoint(NamedTuple):
 
 
 def quality_points(records: Sequence[Record], metric: str) -> list[QualityPoint]:
-    """One point per successful measurement that has a value for ``metric``."""
-    return [
-        QualityPoint(f"{record.sampler} {record.steps}", measured.timing.seconds_per_image,
-                     measured.metrics[metric]["value"])
-        for record, measured in successful(records) if "value" in measured.metrics.get(metric, {})
-    ]
+    """One point per successful measurement that has a finite value for ``metric`` (a metric's value may be null,
+    NaN or infinite, which no axis can show)."""
+    points = []
+    for record, measured in successful(records):
+        value = measured.metrics.get(metric, {}).get("value")
+        if value is not None and math.isfinite(value):
+            points.append(QualityPoint(f"{record.sampler} {record.steps}", measured.timing.seconds_per_image,
+                                       float(value)))
+    return points
 
 
 def pareto_front(points: Sequence[QualityPoint], higher_is_better: bool = True) -> list[QualityPoint]:

@@ -141,7 +141,7 @@ def json_line(raw: bytes, not_json: str = "not JSON") -> Any:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise RecordError("not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: a JSONDecodeError, or a whole number of over 4300 digits
         raise RecordError(not_json) from None
 
 
@@ -201,7 +201,9 @@ def write_folder_atomic(target: Path, write: Callable[[Path], None], keep_existi
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as temp:
-        temp.write_text(text, encoding="utf-8")
+        # A folder name that is not UTF-8 reaches the text as lone surrogates ('\udcff'): they are written escaped,
+        # as the text \udcff, rather than failing the whole file.
+        temp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:

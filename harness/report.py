@@ -37,7 +37,8 @@ def ideal_speedup(measured: Measured, baseline: Measured) -> float:
     stages = baseline.stages
     fixed = stages.total_s - stages.denoise_s
     ratio = measured.unet.evaluations / baseline.unet.evaluations
-    return stages.total_s / (fixed + stages.denoise_s * ratio)
+    ideal_s = fixed + stages.denoise_s * ratio
+    return stages.total_s / ideal_s if ideal_s else math.inf  # no UNet evaluation against a call of denoising only
 
 
 def spread(measured: Measured) -> float:
@@ -106,10 +107,10 @@ def _rate(value: float | None) -> str:
 
 
 def _metric_cell(result: dict[str, Any]) -> str:
-    if "value" not in result:
+    value = result.get("value")  # null: a metric that gave no number
+    if value is None:
         return "error" if "error" in result else ""
-    value = result["value"]
-    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+    return f"{value:.4g}"
 
 
 def stage_rows(records: Sequence[Record]) -> tuple[list[str], list[list[Any]]]:
@@ -205,7 +206,7 @@ def write_summary(run_dir: Path, records: Sequence[Record]) -> str:
     if plot is not None:
         text += f"\n![seconds per image against steps]({plot.name})\n"
     scored = [(name, result) for _, measured in successful(records)
-              for name, result in measured.metrics.items() if "value" in result]
+              for name, result in measured.metrics.items() if result.get("value") is not None]
     if scored:  # the first metric with values is plotted against latency
         name, result = scored[0]
         quality = write_quality_plot(Path(run_dir), records, name, bool(result.get("higher_is_better", True)))
@@ -306,12 +307,20 @@ def inside_run_folder(run_dir: Path, name: Any) -> bool:
     if path.is_absolute() or ".." in path.parts:
         return False
     root = Path(run_dir).resolve()
-    return (root / path).resolve().is_relative_to(root)
+    try:
+        return (root / path).resolve().is_relative_to(root)
+    except RuntimeError:  # a loop of links
+        return False
+
+
+def grid_names(measured: Measured) -> list[str]:
+    """The files ``write_grids`` writes for a record: its grid and its comparison grids."""
+    return [measured.grid, *(comparison.path for comparison in measured.comparisons)]
 
 
 def files_outside(run_dir: Path, measured: Measured) -> list[str]:
     """The files a record names (images it reads, grids it writes) that lie outside the run folder."""
-    names = [*measured.images, measured.grid, *(comparison.path for comparison in measured.comparisons)]
+    names = [*measured.images, *grid_names(measured)]
     return [name for name in names if not inside_run_folder(run_dir, name)]
 
 
@@ -335,11 +344,19 @@ def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -
         raise HarnessError(f"'{run_dir / RECORDS_FILE}' holds no record ({len(skipped)} line(s) skipped); "
                            f"{SUMMARY_FILE} and the grids are left as they are. Pass the folder of a finished run.")
     baselines = [record for record, measured in successful_baselines(records) if not files_outside(run_dir, measured)]
+    sources = {(run_dir / name).resolve() for _, measured in successful(records) for name in measured.images
+               if inside_run_folder(run_dir, name)}
     for record, measured in successful(records):
         outside = files_outside(run_dir, measured)
         if outside:
             on_warning(f"not rebuilding the grids of {record.sampler} ({record.steps} steps): '{outside[0]}' "
                        "lies outside the run folder (an absolute path, '..' or a link out of it).")
+            continue
+        # A grid written over an image that a record reads would destroy a result of the run.
+        overwrites = [name for name in grid_names(measured) if (run_dir / name).resolve() in sources]
+        if overwrites:
+            on_warning(f"not rebuilding the grids of {record.sampler} ({record.steps} steps): its grid "
+                       f"'{overwrites[0]}' is one of the run's images, which a grid must not replace.")
             continue
         try:
             write_grids(run_dir, record, baselines)

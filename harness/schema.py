@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import statistics
+import sys
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -22,6 +24,10 @@ from typing import Any, Union
 from harness.errors import RecordError
 
 SCHEMA = "harness.record/1"
+# The names a record gives its images and grids: harness writes PNGs, and a reader writes grids under these names,
+# so a name of any other kind (records.jsonl, summary.md) would let a record overwrite a file of its run.
+IMAGE_SUFFIX = ".png"
+NAME_MAX = 255  # bytes in one part of a file name (Linux, macOS); a longer name fails at every open
 
 
 @dataclass(frozen=True)
@@ -229,14 +235,73 @@ class Record:
             raise RecordError("a failed record without its 'error' text")
         record: Record = _convert(cls, record_data, "")
         if record.measured is not None:
-            timing = record.measured.timing
-            for name, value in (("seconds_per_call.median", timing.seconds_per_call.median),
-                                ("seconds_per_image", timing.seconds_per_image), ("images_per_s", timing.images_per_s)):
+            timing, stages = record.measured.timing, record.measured.stages
+            for name, value in (("timing.seconds_per_call.median", timing.seconds_per_call.median),
+                                ("timing.seconds_per_image", timing.seconds_per_image),
+                                ("timing.images_per_s", timing.images_per_s), ("stages.total_s", stages.total_s)):
                 if not value > 0:
-                    raise RecordError(f"'timing.{name}' is {value}; a measured time is above 0")
+                    raise RecordError(f"'{name}' is {value}; a measured time is above 0")
             if timing.images_per_call < 1:
                 raise RecordError(f"'timing.images_per_call' is {timing.images_per_call}; a call makes 1 image or more")
+            if not 0 <= stages.denoise_s <= stages.total_s:
+                raise RecordError(f"'stages.denoise_s' is {stages.denoise_s}; denoising is part of the call, 0 to "
+                                  f"'stages.total_s' ({stages.total_s}) seconds")
+            if record.measured.unet.evaluations < 0:
+                raise RecordError(f"'unet.evaluations' is {record.measured.unet.evaluations}; a count is 0 or more")
+            _check_files(record.measured)
+            _check_metrics(record.measured.metrics)
+        prompts = record.config.get("prompts", [])
+        if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+            raise _wrong("config.prompts", "a list of texts", prompts)
         return record
+
+
+def _check_files(measured: Measured) -> None:
+    """The image size and the files a measurement names, as harness writes them: readers open and write these."""
+    size = measured.image_size
+    if len(size) != 2 or min(size) < 1:
+        raise RecordError(f"'image_size' is {size}; it is [width, height], two whole numbers above 0")
+    if not measured.images:
+        raise RecordError("'images' is empty; a measurement names the 1 or more images it made")
+    names = [(f"images[{index}]", name) for index, name in enumerate(measured.images)]
+    names += [("grid", measured.grid)]
+    names += [(f"comparisons[{index}].path", c.path) for index, c in enumerate(measured.comparisons)]
+    for where, name in names:
+        problem = _file_name_problem(name)
+        if problem is not None:
+            raise RecordError(f"'{where}' {_shown(name)} {problem}")
+
+
+def _file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not the name of a PNG file harness could have written, or None when it is."""
+    if "\x00" in name:
+        return "holds a NUL character, which no file name can"
+    try:
+        parts = [os.fsencode(part) for part in name.split("/")]
+    except UnicodeEncodeError:
+        return "holds characters no file name can"
+    if max(len(part) for part in parts) > NAME_MAX:
+        return f"has a part longer than {NAME_MAX} bytes, which no file name can"
+    stem = name.rsplit("/", 1)[-1]
+    if not stem.lower().endswith(IMAGE_SUFFIX) or len(stem) == len(IMAGE_SUFFIX):
+        return f"is not the name of a {IMAGE_SUFFIX} image"
+    return None
+
+
+def _check_metrics(metrics: dict[str, dict[str, Any]]) -> None:
+    """A metric's ``value``: a number, NaN and infinity included (PSNR of identical images), or null."""
+    for name, result in metrics.items():
+        value = result.get("value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or isinstance(value, int) and not _fits_float(value)):
+            raise _wrong(f"metrics.{name}.value", "a number or null", value)
+
+
+def _fits_float(value: float) -> bool:
+    """Whether a JSON number is a finite float or a whole number that converts to one: readers divide and plot them.
+
+    (``math.isfinite`` raises OverflowError on a whole number beyond the float range.)"""
+    return abs(value) <= sys.float_info.max
 
 
 def _plain(value: Any) -> Any:
@@ -281,9 +346,11 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _wrong(where, "a whole number", value)
+        if not _fits_float(value):
+            raise _wrong(where, "a whole number between -1.8e308 and 1.8e308", value)
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _fits_float(value):
             raise _wrong(where, "a finite number", value)
         return float(value)
     if kind is str:
@@ -316,9 +383,12 @@ def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
 
 
 def _wrong(where: str, expected: str, value: Any) -> RecordError:
+    return RecordError(f"'{where}' should be {expected}, not {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
     shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return RecordError(f"'{where}' should be {expected}, not {shown}")
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def successful(records: Iterable[Record]) -> list[tuple[Record, Measured]]:
