@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from harness.errors import ExitCode, HarnessError
 from harness.html_report import Side, Table, write_compare_page
+from harness.options import FiniteFloat
 from harness.records import read_records
 from harness.schema import Measured, Record, successful
 
@@ -222,7 +223,7 @@ Example (a CI guard):
 @click.command(name="compare", help=COMPARE_HELP)
 @click.argument("run_a", metavar="A", type=click.Path(path_type=Path))
 @click.argument("run_b", metavar="B", type=click.Path(path_type=Path))
-@click.option("--fail-above", "fail_above_pct", type=click.FloatRange(min=0), metavar="PCT",
+@click.option("--fail-above", "fail_above_pct", type=FiniteFloat(min=0), metavar="PCT",
               help="Exit with code 1 when any matched median is more than PCT percent slower in B.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of tables.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.html",

@@ -184,6 +184,9 @@ def resolve_lora(lora_path: str | None, lora_id: str | None) -> LoraSource | Non
                     f"--lora_path '{path}' is not a .safetensors file; pass a LoRA saved in safetensors."
                 )
             return LoraSource(str(path.parent), path.name, "local")
+        if not path.is_dir():
+            raise HarnessError(f"--lora_path '{path}' is not a file or folder; pass the LoRA folder or its "
+                               ".safetensors file.")
         safetensors = sorted(path.glob("*.safetensors"))
         if not safetensors:
             pickled = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]

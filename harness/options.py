@@ -10,6 +10,7 @@ source and plugins read typed values (``self.options.ddim_eta``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -109,8 +110,37 @@ def _click_type(kind: type, metadata: Mapping[str, Any]) -> Any:
     if kind is int:
         return click.IntRange(min=low, max=high) if low is not None or high is not None else int
     if kind is float:
-        return click.FloatRange(min=low, max=high) if low is not None or high is not None else float
+        return FiniteFloat(min=low, max=high)
     return kind
+
+
+class FiniteFloat(click.FloatRange):
+    """The type of every float option: click's FloatRange, refusing NaN and inf where the value is parsed.
+
+    NaN passes every bound and inf every lower one, yet no harness setting means anything there: a NaN or inf
+    learning rate trains an all-NaN LoRA, an inf guidance a NaN image, an inf --min_time never ends.
+    """
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number; {_finite_example(param)}.", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        # click shows a range in the help whenever the type is one; an unbounded float has none to show.
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+def _finite_example(param: click.Parameter | None) -> str:
+    default, which = (param.default if param is not None else None), "the default"
+    if isinstance(default, tuple) and default:
+        default, which = default[0], "the first default"
+    if isinstance(default, (int, float)) and math.isfinite(default):
+        return f"pass e.g. {default:g} ({which})"
+    return "pass a finite one"
 
 
 def build(options_class: type[OptionsT], values: Mapping[str, Any]) -> OptionsT:

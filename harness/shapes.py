@@ -73,6 +73,8 @@ SIZE_NAMES = tuple(SIZES)
 
 SUPERSAMPLING = 4
 MIN_RESOLUTION = 32
+# Drawn SUPERSAMPLING times larger: 2048 is an 8192x8192 canvas (200 MB), and no SD model is trained larger.
+MAX_RESOLUTION = 2048
 
 _CAPTION = re.compile(
     rf"a ({'|'.join(SIZE_NAMES)}) ({'|'.join(COLOUR_NAMES)}) ({'|'.join(SHAPES)}) "
@@ -166,6 +168,9 @@ def check_resolution(resolution: int) -> None:
     if resolution < MIN_RESOLUTION or resolution % 8:
         raise HarnessError(f"--resolution {resolution} must be a multiple of 8 and at least {MIN_RESOLUTION}; "
                            "pick e.g. 64.")
+    if resolution > MAX_RESOLUTION:
+        raise HarnessError(f"--resolution {resolution} is larger than {MAX_RESOLUTION}, the largest harness draws; "
+                           "pick e.g. 64.")
 
 
 def draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str, box: tuple[float, float, float, float],
@@ -219,6 +224,10 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64, 
     check_resolution(resolution)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"--out '{out}' already exists and is not an empty folder; pass a new --out.")
+    above = next(parent for parent in out.parents if parent.exists())
+    if not above.is_dir():
+        raise HarnessError(f"--out '{out}' lies under '{above}', which is a file, not a folder; pass an --out "
+                           "outside it.")
 
     if grammar not in GRAMMARS:
         raise HarnessError(f"--grammar {grammar!r} is not one of {', '.join(GRAMMARS)}; pick open (the default).")

@@ -18,7 +18,8 @@ def data():
 @click.option("--n", "n", type=int, default=10000, show_default=True, help="Number of images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same files.")
 @click.option("--resolution", type=int, default=64, show_default=True,
-              help=f"Image side in pixels: a multiple of 8, at least {shapes.MIN_RESOLUTION}.")
+              help=f"Image side in pixels: a multiple of 8 from {shapes.MIN_RESOLUTION} to "
+                   f"{shapes.MAX_RESOLUTION}.")
 @click.option("--grammar", type=click.Choice(shapes.GRAMMARS), default="open", show_default=True,
               help="open: captions leave shape, colour, size, place or background unsaid, one to three objects "
                    "(harness.scenes); closed: every caption fixes the whole picture (the first embedded model's data).")

@@ -8,8 +8,9 @@ Local folders come in three layouts (the seed's two, plus the ``imagefolder`` on
 
 Every image is converted to RGB, resized so that its shorter side is the training resolution, and
 centre-cropped to a square. What cannot be used - a metadata line that is not valid, a caption file that is not
-UTF-8, an image that does not open or is larger than Pillow's decompression-bomb limit - is left out and counted
-in ``Examples.skipped``, one line per kind.
+UTF-8, an image that does not open, is larger than Pillow's decompression-bomb limit or is a thin strip (more than
+``MAX_ASPECT_RATIO`` times longer on one side than the other) - is left out and counted in ``Examples.skipped``,
+one line per kind.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ METADATA_FILE = "metadata.jsonl"
 REPLACED_DATASETS = {"lambdalabs/pokemon-blip-captions": "lambdalabs/naruto-blip-captions"}
 # What Pillow raises for a damaged or hostile image file, besides the decompression-bomb guard.
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+# A thinner image keeps under 1/64 of itself in the centre crop, and resizing its short side to the resolution
+# first makes it huge: a 1.6 KB PNG of 1x400000 pixels becomes 64x25,600,000 (7 GB), under the bomb guard's limit.
+MAX_ASPECT_RATIO = 64
 
 
 @dataclass
@@ -178,11 +182,14 @@ def _readable(pairs: list[tuple[Path, str]], skipped: list[str]) -> list[tuple[P
     Checked here, not when a batch needs the image, so a bad file is left out and counted instead of stopping
     the run. ``Image.open`` reads the header only: a decompression bomb is caught before its pixels are decoded.
     """
-    readable, broken, huge = [], [], []
+    readable, broken, huge, thin = [], [], [], []
     for path, caption in pairs:
         try:
             with _bomb_guard(), Image.open(path) as image:
                 image.verify()
+                if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+                    thin.append((path, image.size))
+                    continue
             readable.append((path, caption))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             huge.append(path)
@@ -193,6 +200,10 @@ def _readable(pairs: list[tuple[Path, str]], skipped: list[str]) -> list[tuple[P
     if huge:
         skipped.append(f"{len(huge)} unreadable image(s) larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
                        f"pixels (a guard against decompression bombs), e.g. '{huge[0]}'")
+    if thin:
+        path, (width, height) = thin[0]
+        skipped.append(f"{len(thin)} image(s) more than {MAX_ASPECT_RATIO} times longer on one side than the other, "
+                       f"which the centre crop would reduce to a sliver, e.g. '{path}' ({width}x{height} pixels)")
     return readable
 
 
@@ -284,6 +295,10 @@ def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
     image = image.convert("RGB")
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    # A hub dataset's image is not checked beforehand like a folder's; a thin one must not be resized into GBs.
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"a {image.width}x{image.height} image resized to {width}x{height} pixels "
+                                           f"exceeds Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - resolution) // 2, (height - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))

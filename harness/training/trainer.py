@@ -355,6 +355,10 @@ class Trainer(abc.ABC):
                     "use --resolution 256, or close other GPU applications. "
                     f"{self._last_checkpoint_line()}") from None
             except (MemoryError, RuntimeError) as error:
+                if "without overflow" in str(error):  # torch refuses a step size beyond float32's range
+                    raise HarnessError(
+                        f"the optimizer step overflowed float32 at step {step}: the learning rate is far too large; "
+                        f"lower --learning_rate. {self._last_checkpoint_line()}") from None
                 if not _cpu_out_of_memory(error):
                     raise
                 raise HarnessError(
@@ -371,10 +375,22 @@ class Trainer(abc.ABC):
             seconds = time.perf_counter() - started
             step_seconds, run.progress.seconds = seconds - run.progress.seconds, seconds
             self._report(StepReport(step, config.max_steps, loss, lr, seconds, step_seconds))
-            if step % config.checkpointing_steps == 0:
+            saving = step % config.checkpointing_steps == 0
+            if saving or step == config.max_steps:
+                self._check_weights(run, step)
+            if saving:
                 self._save_checkpoint(run)
             if config.validation_prompts and (step % config.validation_every == 0 or step == config.max_steps):
                 self._validate(step)
+
+    def _check_weights(self, run: RunState, step: int) -> None:
+        """Refuse to save weights the last update left NaN or inf: the loss, computed before it, cannot show that
+        (a finite but huge --learning_rate does it in one step)."""
+        broken = [name for name, parameter in run.trainable.items() if not torch.isfinite(parameter).all()]
+        if broken:
+            raise HarnessError(f"the weights became NaN or inf at step {step} ({len(broken)} of {len(run.trainable)} "
+                               f"tensors, e.g. {broken[0]}); lower --learning_rate or --max_grad_norm, or train "
+                               f"with --mixed_precision no. {self._last_checkpoint_line()}")
 
     def _last_checkpoint_line(self) -> str:
         latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
