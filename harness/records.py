@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import harness
-from harness.errors import HarnessError, RecordError
+from harness.errors import HarnessError, RecordError, one_line
 from harness.schema import SCHEMA, Record  # noqa: F401 - SCHEMA is part of this module's interface
 
 RECORDS_FILE = "records.jsonl"
@@ -56,7 +56,13 @@ def environment(device: torch.device, dtype: torch.dtype, plugin_manager: pluggy
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             info[package] = None
-    plugin_manager.hook.harness_machine_info(info=info)
+    # One implementation at a time, in pluggy's call order, so a failing one is named.
+    for implementation in reversed(plugin_manager.hook.harness_machine_info.get_hookimpls()):
+        try:
+            implementation.function(info=info)
+        except Exception as error:  # noqa: BLE001
+            raise HarnessError(f"the plugin '{implementation.plugin_name}' failed in harness_machine_info: "
+                               f"{one_line(error)}; fix or uninstall that plugin.") from None
     return info
 
 

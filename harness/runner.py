@@ -557,6 +557,8 @@ class BenchRun:
             name: registry.metric(name).cls(MetricConfig(self.device), spec.metric_options.get(name))
             for name in spec.metrics
         }
+        # Here, not when the run starts: a plugin whose machine-info hook fails stops the run before its folder exists.
+        self.environment = records.environment(self.device, self.dtype, registry.pm) if world.is_main else {}
         self.reference: Reference | None = None
         self.errors: list[str] = []
         self.outdir = Path(spec.outdir)
@@ -597,9 +599,7 @@ class BenchRun:
                 self.writer.make_folders(self.tasks)
                 config = self.spec.config_dict(self.plan.seed, self.plan.prompts)
                 config.update(model=self.model.name, model_location=self.model.location)
-                self.context = RecordContext(
-                    config, records.environment(self.device, self.dtype, self.registry.pm), self.world.size
-                )
+                self.context = RecordContext(config, self.environment, self.world.size)
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:

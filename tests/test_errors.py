@@ -219,3 +219,25 @@ def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_pa
     [record] = record_json(outdir)
     assert record["steps"] == 2 and record["status"] == "ok"
     assert not [p for p in outdir.iterdir() if p.name.startswith(".")]
+
+
+def test_a_machine_info_hook_that_fails_is_named_in_one_line_before_the_run_folder_exists(tmp_path, embedded_model):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tells.py").write_text("import harness\n\n@harness.hookimpl\ndef harness_machine_info(info):\n"
+                                      "    info['rack'] = 'B7'\n")
+    (plugins / "faulty.py").write_text("import harness\n\n@harness.hookimpl\ndef harness_machine_info(info):\n"
+                                       "    raise RuntimeError('no sensor')\n")
+    outdir = tmp_path / "run"
+    result = invoke("--plugin-dir", plugins, "bench", "--steps", "2", "--outdir", outdir, *FAST)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the plugin 'faulty' failed in harness_machine_info: RuntimeError: no sensor; fix or uninstall "
+        "that plugin.")
+    assert "Traceback" not in result.output and not outdir.exists()
+    working = tmp_path / "working"  # a folder of its own: a process keeps the plugins of a folder it loaded
+    working.mkdir()
+    (plugins / "tells.py").rename(working / "tells.py")
+    result = invoke("--plugin-dir", working, "bench", "--steps", "2", "--outdir", outdir, *FAST)
+    assert result.exit_code == 0, result.output
+    assert record_json(outdir)[0]["environment"]["rack"] == "B7"
