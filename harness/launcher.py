@@ -14,6 +14,7 @@ appended and fsynced one at a time). A native call that holds the GIL blocks the
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -43,6 +44,11 @@ def main() -> None:
     # torch's C++ code logs its errors with a C++ stack trace besides raising them (a rendezvous timing out
     # prints dozens of lines); harness reports what is raised, in one line. Set the variable to see them.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    # A name that is not valid text (a folder name in another encoding, a lone surrogate in a record) is printed
+    # escaped, as \udcff, instead of ending the command in a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     from harness.cli import cli
 
     _on_signals(_raise_interrupt)

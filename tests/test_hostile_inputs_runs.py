@@ -446,3 +446,17 @@ def test_a_device_no_pipeline_can_run_on_is_refused_before_anything_loads(tmp_pa
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"Error: {message}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_name_that_is_not_valid_text_is_printed_escaped_not_a_traceback(tmp_path):
+    from tests.conftest import make_record
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # A lone surrogate, as JSON can carry it and as a folder name in another encoding reaches Python.
+    line = json.dumps(make_record(sampler="x\ud800y", steps=2).to_json())
+    (run / "records.jsonl").write_text(line + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "harness", "report", str(run)], capture_output=True,
+                          env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"| x\\ud800y " in done.stdout and b"Traceback" not in done.stderr
