@@ -246,7 +246,7 @@ def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
     # Runs may share a --baseline_outdir: it gets its own lock, unless it is the run folder itself.
     if spec.baseline_outdir is not None and spec.baseline_outdir.resolve() != spec.outdir.resolve():
         locks.append(FolderLock(spec.baseline_outdir, "--baseline_outdir", "baseline folder"))
-    replacement = Replacement(spec.outdir, _bench_entries(registry))
+    replacement = Replacement(spec.outdir, _bench_entries(registry, spec.outdir))
 
     def start() -> BenchRun:
         # Resolves device and model first: a bad one leaves no empty folder behind.
@@ -261,6 +261,8 @@ def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
                     held.acquire()
                 if spec.baseline_outdir is not None:
                     _check_baseline_folder(run, spec.baseline_outdir, options.overwrite)
+                if options.html:
+                    html_report.check_run_page(spec.outdir)  # before the run, not after it
             except BaseException:
                 if replacement.pending:
                     replacement.restore()
@@ -357,11 +359,17 @@ def _is_run_file(name: str) -> bool:
     return name in fixed or RUN_IMAGE.fullmatch(name) is not None
 
 
-def _bench_entries(registry: Registry) -> Callable[[str], bool]:
+def _bench_entries(registry: Registry, outdir: Path) -> Callable[[str], bool]:
     """Whether an entry of --outdir is a bench run's (what --overwrite replaces): its files and its baseline and
-    sampler subfolders; never a user's other files (--outdir may be a project folder)."""
+    sampler subfolders; never a user's other files (--outdir may be a project folder, with a page of its own)."""
     folders = {"baseline", *registry.samplers}
-    return lambda name: name in folders or _is_run_file(name)
+
+    def owned(name: str) -> bool:
+        if name == html_report.HTML_FILE:
+            return html_report.replaceable(outdir / name)
+        return name in folders or _is_run_file(name)
+
+    return owned
 
 
 def _check_baseline_path(folder: Path, outdir: Path) -> None:
@@ -414,6 +422,8 @@ def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> 
 def report_command(run_folder: str, html: bool) -> None:
     """Rebuild summary.md and every grid of RUN_DIR from its records.jsonl alone."""
     run_dir = Path(run_folder)
+    if html:
+        html_report.check_run_page(run_dir)  # before summary.md and the grids are rebuilt
     try:
         run_records = report.rebuild(run_dir, on_warning=lambda warning: _warn([warning]))
     except OSError as error:

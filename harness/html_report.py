@@ -267,12 +267,18 @@ def run_page(run_dir: Path, records: Sequence[Record]) -> tuple[str, list[str]]:
     return _document(title, body), images.warnings
 
 
-def write_run_page(run_dir: Path, records: Sequence[Record]) -> list[str]:
-    """Write ``index.html`` into the run folder; return one warning per image it could not show."""
+def check_run_page(run_dir: Path) -> Path:
+    """The run folder's ``index.html``, refused when a file there is not a page harness wrote."""
     path = Path(run_dir) / HTML_FILE
-    if not _replaceable(path):
+    if not replaceable(path):
         raise HarnessError(f"'{path}' exists and is not a page harness wrote; move it out of the run folder, then "
                            f"write the page with harness report '{run_dir}' --html.")
+    return path
+
+
+def write_run_page(run_dir: Path, records: Sequence[Record]) -> list[str]:
+    """Write ``index.html`` into the run folder; return one warning per image it could not show."""
+    path = check_run_page(run_dir)
     text, warnings = run_page(run_dir, records)
     _write(path, text, "free some space or make the run folder writable")
     return warnings
@@ -306,7 +312,7 @@ def write_compare_page(out: Path, sides: Sequence[Side], tables: Sequence[Table]
     if not out.parent.is_dir():
         raise HarnessError(f"cannot write '{out}': the folder '{out.parent}' does not exist; create it or pass "
                            "--html a path in an existing folder.")
-    if not _replaceable(out):
+    if not replaceable(out):
         raise HarnessError(f"--html '{out}' is an existing file that is not a page harness wrote (such as a run's "
                            f"{RECORDS_FILE}); pass --html a new file name, e.g. compare.html.")
     text, warnings = compare_page(sides, tables, notes)
@@ -314,7 +320,7 @@ def write_compare_page(out: Path, sides: Sequence[Side], tables: Sequence[Table]
     return warnings
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
     """Whether a page may be written to ``path``: nothing is there, or a page harness wrote (an earlier run's or
     comparison's), never a file of a run (records.jsonl, an image) or a page of someone else."""
     try:

@@ -98,3 +98,25 @@ def test_a_baseline_folder_that_cannot_be_one_is_refused_before_anything_is_writ
     assert result.output.splitlines() == [f"Error: cannot write to baseline folder '{folder}': {problem}"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
     assert (tmp_path / "afile").read_text() == "hi"
+
+
+def test_a_page_of_the_users_own_in_the_folder_is_never_replaced(tmp_path, monkeypatch, embedded_model):
+    project = tmp_path / "project"
+    project.mkdir()
+    page = project / "index.html"
+    page.write_text("<p>my project's page</p>\n")
+    monkeypatch.chdir(project)
+    refused = invoke("bench", "--outdir", ".", "--steps", "1", "--html", *FAST)
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines()[-1] == (
+        "Error: 'index.html' exists and is not a page harness wrote; move it out of the run folder, then write the "
+        "page with harness report '.' --html.")
+    assert sorted(path.name for path in project.iterdir()) == ["index.html"]  # refused before the run, not after
+    assert invoke("bench", "--outdir", ".", "--steps", "1", *FAST).exit_code == 0
+    summary = (project / "summary.md").read_bytes()
+    assert invoke("report", ".", "--html").exit_code == 2
+    assert (project / "summary.md").read_bytes() == summary
+    # --overwrite replaces the run's files, not the user's page beside them.
+    assert invoke("bench", "--outdir", ".", "--steps", "2", "--overwrite", *FAST).exit_code == 0
+    assert page.read_text() == "<p>my project's page</p>\n"
+    assert (project / "image_s2_i0_seed0.png").is_file() and not (project / "image_s1_i0_seed0.png").exists()
