@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -54,8 +55,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval_seconds", type=float, default=10.0, help="allowance for one evaluation")
     args, common = parser.parse_known_args(argv)
     common = [flag for flag in common if flag != "--"]
-    if args.budget <= 0:
-        parser.error(f"--budget {args.budget:g} must be above 0 seconds")
+    if not 0 < args.budget < math.inf:  # NaN fails both comparisons
+        parser.error(f"--budget {args.budget:g} must be a finite number of seconds above 0")
+    if not 0 <= args.eval_seconds < math.inf:
+        parser.error(f"--eval_seconds {args.eval_seconds:g} must be a finite number of seconds, 0 or more")
     start, stop = args.calibration_steps
     if not 0 < start < stop:
         parser.error("--calibration_steps FROM TO needs 0 < FROM < TO")

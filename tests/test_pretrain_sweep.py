@@ -49,8 +49,14 @@ def test_a_bad_sweep_is_refused_in_one_line_before_anything_runs(flags, message)
 def test_a_config_name_must_be_a_folder_name_and_the_budget_positive():
     result = _sweep("--budget", "10", "--config", "../up=--text_width 8", "--", "--output_dir", "out", timeout=60)
     assert result.returncode == 2 and "start with a folder name" in result.stderr
-    result = _sweep("--budget", "0", "--config", "a=", "--", "--output_dir", "out", timeout=60)
-    assert result.returncode == 2 and "--budget 0 must be above 0 seconds" in result.stderr
+    for budget in ("0", "nan", "inf"):
+        result = _sweep("--budget", budget, "--config", "a=", "--", "--output_dir", "out", timeout=60)
+        assert result.returncode == 2
+        assert f"--budget {budget} must be a finite number of seconds above 0" in result.stderr
+    result = _sweep("--budget", "9", "--eval_seconds", "nan", "--config", "a=", "--", "--output_dir", "out",
+                    timeout=60)
+    assert result.returncode == 2
+    assert "--eval_seconds nan must be a finite number of seconds, 0 or more" in result.stderr
 
 
 def test_the_output_folder_may_be_given_with_an_equals_sign_and_a_tilde(sweep, monkeypatch, tmp_path):
