@@ -372,10 +372,18 @@ def _bench_entries(registry: Registry, outdir: Path) -> Callable[[str], bool]:
     return owned
 
 
+def _resolved(folder: Path, option: str) -> Path:
+    try:
+        return folder.resolve()
+    except (RuntimeError, OSError):  # Python's own symbolic-link loop, or a name the system refuses
+        raise HarnessError(f"cannot write to '{folder}': it leads into a loop of symbolic links (or is no valid "
+                           f"path); pass another {option}.") from None
+
+
 def _check_baseline_path(folder: Path, outdir: Path) -> None:
     """A --baseline_outdir inside --outdir must not be (or lie in) a file the run writes there."""
     try:
-        inside = folder.resolve().relative_to(outdir.resolve()).parts
+        inside = _resolved(folder, "--baseline_outdir").relative_to(_resolved(outdir, "--outdir")).parts
     except ValueError:
         return
     if inside and _is_run_file(inside[0]):

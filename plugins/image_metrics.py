@@ -33,6 +33,9 @@ def psnr(image, reference) -> float:
 def ssim(image, reference) -> float:
     """Mean structural similarity over every window position and channel (1 for identical images)."""
     x, y = _pixels(image).unsqueeze(0), _pixels(reference).unsqueeze(0)
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels for its window, these are "
+                         f"{x.shape[-1]}x{x.shape[-2]}; pass --height and --width of 16 or more, or --metric psnr")
     coords = torch.arange(SSIM_WINDOW, dtype=torch.float64) - SSIM_WINDOW // 2
     gauss = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
     window = (gauss[:, None] * gauss[None, :] / gauss.sum() ** 2).expand(3, 1, SSIM_WINDOW, SSIM_WINDOW)

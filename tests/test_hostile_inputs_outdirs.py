@@ -120,3 +120,18 @@ def test_a_page_of_the_users_own_in_the_folder_is_never_replaced(tmp_path, monke
     assert invoke("bench", "--outdir", ".", "--steps", "2", "--overwrite", *FAST).exit_code == 0
     assert page.read_text() == "<p>my project's page</p>\n"
     assert (project / "image_s2_i0_seed0.png").is_file() and not (project / "image_s1_i0_seed0.png").exists()
+
+
+@pytest.mark.parametrize("looping", ["--baseline_outdir", "--outdir"])
+def test_a_folder_that_leads_into_a_loop_of_links_is_refused_in_one_line(tmp_path, embedded_model, looping):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    folders = {"--outdir": tmp_path / "run", "--baseline_outdir": tmp_path / "shared"}
+    folders[looping] = loop / "x"
+    result = invoke("bench", *BASELINE, "--outdir", folders["--outdir"], "--baseline_outdir",
+                    folders["--baseline_outdir"], *FAST)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot write to '{loop / 'x'}': it leads into a loop of symbolic links (or is no valid path); "
+        f"pass another {looping}.")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["loop"]

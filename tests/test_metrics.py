@@ -60,6 +60,17 @@ def test_bench_scores_few_step_images_against_the_baseline(tmp_path, embedded_mo
     assert [cell.strip() for cell in header.strip(" |").split("|")][-2:] == ["psnr", "ssim"]
 
 
+def test_ssim_on_images_smaller_than_its_window_says_what_to_change(tmp_path, embedded_model):
+    outdir = tmp_path / "run"
+    result = invoke("bench", "--steps", "1", "--compare_baseline", "--baseline_steps", "1", "--metric", "ssim",
+                    "psnr", "--height", "8", "--width", "8", "--outdir", outdir, *FAST)
+    assert result.exit_code == 0, result.output  # the timings stand; the metric that cannot run says why
+    message = ("ValueError: SSIM needs images of at least 11x11 pixels for its window, these are 8x8; pass --height "
+               "and --width of 16 or more, or --metric psnr")
+    assert f"Warning: metric ssim on flash-lcm 1 steps: {message}" in result.output
+    flash = record_json(outdir)[1]
+    assert flash["metrics"]["ssim"] == {"error": message} and "value" in flash["metrics"]["psnr"]
+
 def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded_model):
     outdir = tmp_path / "run"
     assert invoke("bench", "--steps", "2", "--metric", "psnr", "--outdir", outdir, *FAST).exit_code == 0
