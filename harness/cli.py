@@ -26,7 +26,7 @@ from harness.leaderboard import leaderboard_command
 from harness.options import build, click_options, multi_value_flags
 from harness.plugins import PLUGIN_DIRS_ENV, Registry, get_registry
 from harness.prompts import load_prompts
-from harness.rundir import FolderLock, Replacement
+from harness.rundir import FolderLock, Replacement, first_missing
 from harness.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec, plan
 from harness.speed import SpeedOptions
 from harness.timing import TimingSettings
@@ -252,7 +252,7 @@ def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
         # Resolves device and model first: a bad one leaves no empty folder behind.
         run = BenchRun(spec, registry, world=world)
         if world.is_main:
-            created = [_first_missing(held.folder) for held in locks]
+            created = [first_missing(held.folder) for held in locks]
             try:
                 lock.acquire()  # held until this process ends the run: one run per folder
                 _prepare_outdir(spec.outdir, options.overwrite, replacement)
@@ -344,11 +344,6 @@ def _warn(warnings: list[str]) -> None:
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
-
-
-def _first_missing(folder: Path) -> Path | None:
-    """The outermost folder that making ``folder`` creates, to remove when the run cannot start."""
-    return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
 
 
 def _is_run_file(name: str) -> bool:

@@ -25,6 +25,21 @@ LOCK_FILE = ".harness.lock"
 REPLACED_FOLDER = ".replaced-run"
 
 
+def first_missing(folder: Path) -> Path | None:
+    """The outermost folder that making ``folder`` creates (None: it exists), to remove when the run cannot start.
+
+    A name the system refuses (too long) cannot exist: it counts as missing, and making it fails in one line.
+    """
+
+    def missing(path: Path) -> bool:
+        try:
+            return not path.exists()
+        except OSError:
+            return True
+
+    return next((path for path in (*reversed(folder.parents), folder) if missing(path)), None)
+
+
 class FolderLock:
     """An exclusive advisory lock on a run folder (created if missing), held until :meth:`release`."""
 

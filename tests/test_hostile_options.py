@@ -105,6 +105,22 @@ def test_run_name_must_be_one_plain_folder_name(shapes, tmp_path, name):
     assert not output.exists()
 
 
+def test_a_run_folder_name_too_long_for_the_system_is_one_line_and_leaves_nothing(shapes, tmp_path):
+    output = tmp_path / "checkpoints"
+    name = "x" * 300  # one part of a path holds at most 255 bytes
+    result = _train(shapes, output, "--run_name", name)
+    assert result.exit_code == 2
+    assert _errors(result.output) == [f"Error: cannot write to output folder '{output / name}': File name too long; "
+                                      "pass a writable --output_dir/--run_name."]
+    assert not output.exists()
+    outdir = tmp_path / "new" / ("y" * 300)
+    result = invoke("bench", "--steps", "1", "--num_images", "1", "--warmup", "0", "--repeats", "1", "--quiet",
+                    "--outdir", outdir)
+    assert result.exit_code == 2
+    assert _errors(result.output) == [f"Error: cannot write to output folder '{outdir}': File name too long; pass a "
+                                      "writable --outdir."]
+    assert not (tmp_path / "new").exists()
+
 def _fifo(folder: Path) -> Path:
     path = folder / "fifo.safetensors"
     os.mkfifo(path)

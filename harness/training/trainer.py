@@ -32,6 +32,7 @@ under ``RUN/trackers``). Only the main process writes files, and it holds the ru
 from __future__ import annotations
 
 import abc
+import errno
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from PIL import Image
 
 from harness import records, report
 from harness.errors import HarnessError, one_line
-from harness.rundir import FolderLock, Replacement
+from harness.rundir import FolderLock, Replacement, first_missing
 from harness.training import checkpoints
 from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.config import TrainConfig
@@ -90,8 +91,10 @@ def _remove_empty_folders(folder: Path, outermost: Path | None) -> None:
     for path in (folder, *folder.parents):
         try:
             path.rmdir()
-        except OSError:  # not empty, or already gone
-            return
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return  # it holds something: it and the folders above it stay
+            # never made (gone, or a name the system refuses): its parent may still be this run's, and empty
         if path == outermost:
             return
 
@@ -311,7 +314,7 @@ class Trainer(abc.ABC):
         lock = FolderLock(self.run_dir, RUN_FOLDER_OPTION)
         replacement = Replacement(self.run_dir, (self.weights_folder, VALIDATION_FOLDER, TRACKERS_FOLDER,
                                                  LOG_FILE, CONFIG_FILE))
-        created = next((path for path in (*reversed(self.run_dir.parents), self.run_dir) if not path.exists()), None)
+        created = first_missing(self.run_dir)
         problem = None
         if self.is_main:
             try:
