@@ -98,18 +98,21 @@ def lab_rows(folders: list[Path]) -> tuple[Figures, dict[int, Figures], dict[int
             elif record.sampler == "undistilled":
                 undistilled[record.steps] = figures(measured, where)
             else:
-                loras.setdefault(record.sampler, {})[record.steps] = figures(measured, where)
+                # Keyed by the LoRA too: two LoRAs sampled by local-student are two entries, not one.
+                key = (record.sampler, measured.sampler_info.get("lora"))
+                loras.setdefault(key, {})[record.steps] = figures(measured, where)
     if teacher is None:
         raise HarnessError("no teacher row: pass the run of `harness eval` (or `bench --compare_baseline`)")
     missing = sorted({*BLUR_STEPS, *LORA_STEPS} - set(undistilled))
     if missing:
         raise HarnessError(f"no undistilled row at {missing} steps: run --sampler undistilled --steps 1 2 4")
+    described = sorted(sampler if lora is None else f"{sampler} with {lora}" for sampler, lora in loras)
     if len(loras) != 1:
-        raise HarnessError(f"the runs hold {len(loras)} LoRA samplers ({', '.join(sorted(loras)) or 'none'}); "
+        raise HarnessError(f"the runs hold {len(loras)} LoRA samplers ({', '.join(described) or 'none'}); "
                            "pass runs with exactly one")
-    [(name, lora)] = loras.items()
+    [((name, _), lora)] = loras.items()
     if any(steps not in lora for steps in LORA_STEPS):
-        raise HarnessError(f"{name} needs rows at {LORA_STEPS} steps; it has {sorted(lora)}")
+        raise HarnessError(f"{described[0]} needs rows at {LORA_STEPS} steps; it has {sorted(lora)}")
     return teacher, undistilled, lora, name
 
 

@@ -1,5 +1,6 @@
 """The embedded lab's scripts: which LoRA ships (lab_winner.py) and the issue's targets table (lab_targets.py)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,11 +12,14 @@ TEACHER = (0.70, 0.60)
 UNDISTILLED = {1: (0.12, 0.30), 2: (0.30, 0.35), 4: (0.50, 0.45)}
 
 
-def add_row(folder, sampler, steps, fidelity=None, coverage=None, baseline=False):
+def add_row(folder, sampler, steps, fidelity=None, coverage=None, baseline=False, lora=None):
     """Append one successful record, with fidelity and coverage values unless they are None."""
     folder.mkdir(parents=True, exist_ok=True)
     metrics = None if fidelity is None else {"fidelity": {"value": fidelity}, "coverage": {"value": coverage}}
-    append_record(folder / "records.jsonl", make_record(sampler, steps, baseline=baseline, metrics=metrics))
+    record = make_record(sampler, steps, baseline=baseline, metrics=metrics)
+    info = {**record.measured.sampler_info, "lora": lora}
+    record = dataclasses.replace(record, measured=dataclasses.replace(record.measured, sampler_info=info))
+    append_record(folder / "records.jsonl", record)
 
 
 def write_run(folder, lora_sampler="flash-lcm", lora=None, teacher=TEACHER, undistilled=None):
@@ -95,6 +99,18 @@ def test_two_lora_samplers_and_a_run_without_the_metrics_are_refused(tmp_path, c
     status, _, err = run_targets(capsys, bare)
     assert status == 1 and "vanilla-sd at 30 steps has no fidelity and coverage values" in err
 
+
+def test_two_loras_sampled_by_the_same_sampler_are_two_entries_not_one(tmp_path, capsys):
+    lab = write_run(tmp_path / "lab", lora={})
+    for name, fidelity in (("lcm", 0.5), ("flash", 0.6)):
+        for steps in (2, 4):
+            add_row(tmp_path / name, "local-student", steps, fidelity, 0.5, lora=f"/w/{name}_lora/lora/final")
+    status, out, err = run_targets(capsys, lab, tmp_path / "lcm", tmp_path / "flash")
+    assert status == 1 and out == ""
+    assert ("the runs hold 2 LoRA samplers (local-student with /w/flash_lora/lora/final, local-student with "
+            "/w/lcm_lora/lora/final); pass runs with exactly one") in err
+    status, out, _ = run_targets(capsys, lab, tmp_path / "lcm")
+    assert status == 0 and "| LoRA at 2 steps at least 0.20 above undistilled | 0.200 above |" in out
 
 def leaderboard_row(sampler, steps, fidelity, coverage, lora=None, baseline=False):
     return {"sampler": sampler, "steps": steps, "baseline": baseline, "lora": lora, "value": fidelity,
