@@ -16,9 +16,9 @@ def device():
 @pytest.fixture(scope="session")
 def load_sampler(device):
     """Loaded samplers by name, each built once per session through the harness's own classes."""
-    from harness import models
-    from harness.plugins import get_registry
-    from harness.sampler import SamplerConfig
+    from harness.bench.sampler import SamplerConfig
+    from harness.hooks.registry import get_registry
+    from harness.models import loading as models
 
     model = models.resolve_model(models.default_model_name(device))
     loaded = {}

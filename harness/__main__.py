@@ -1,3 +1,3 @@
-from harness.launcher import main
+from harness.cli.main import main
 
 main()

@@ -1,6 +1,6 @@
 """The errors users see, and the exit codes of every command.
 
-The core raises plain exceptions; the CLI (``harness.cli``) turns a :class:`HarnessError` into one line,
+The core raises plain exceptions; the CLI (``harness.cli.app``) turns a :class:`HarnessError` into one line,
 ``Error: <message>``, and its exit code, in one place.
 """
 

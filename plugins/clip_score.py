@@ -14,8 +14,8 @@ import torch
 
 import harness
 import harness.options
+from harness.bench.metric import Metric, MetricInput
 from harness.errors import HarnessError, one_line
-from harness.metric import Metric, MetricInput
 from harness.options import setting
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"

@@ -1,4 +1,4 @@
-"""fidelity and coverage: the pixel judge of ``harness.judge`` on prompts of the embedded shapes grammar.
+"""fidelity and coverage: the pixel judge of ``harness.lab.judge`` on prompts of the embedded shapes grammar.
 
 - ``fidelity``: per picture, half commitment (the stated number of crisp, solid objects and nothing
   else) and half the share of what the caption states that the picture shows; the mean over pictures.
@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import harness
+from harness.bench.metric import Metric, MetricInput
 from harness.errors import HarnessError
-from harness.metric import Metric, MetricInput
 
 EXAMPLE = "'two blue squares on a white background'"
 
 
 def _check_prompts(name: str, prompts: Sequence[str]) -> None:
-    from harness.scenes import parse
+    from harness.lab.scenes import parse
 
     for prompt in dict.fromkeys(prompts):
         try:
@@ -35,7 +35,7 @@ class FidelityMetric(Metric):
                    "objects), half the share of stated attributes the pixel judge finds.")
 
     def score(self, data: MetricInput) -> dict:
-        from harness.judge import judge_all
+        from harness.lab.judge import judge_all
 
         _check_prompts(self.name, data.prompts)
         summary = judge_all(zip(data.images, data.prompts))
@@ -48,7 +48,7 @@ class CoverageMetric(Metric):
                    "against the data's: 1 - total-variation distance.")
 
     def score(self, data: MetricInput) -> dict:
-        from harness.judge import coverage
+        from harness.lab.judge import coverage
 
         _check_prompts(self.name, data.prompts)
         try:

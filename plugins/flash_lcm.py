@@ -3,8 +3,8 @@
 from collections.abc import Callable
 
 import harness
-from harness.lora_presets import PresetLoraSampler
-from harness.sampler import Sampler
+from harness.bench.lora_presets import PresetLoraSampler
+from harness.bench.sampler import Sampler
 
 
 class FlashLcmSampler(PresetLoraSampler):

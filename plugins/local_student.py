@@ -1,9 +1,9 @@
 """local-student: a LoRA trained by `harness train`, scheduled exactly like flash-lcm."""
 
 import harness
-from harness import models
+from harness.bench.sampler import FewStepLoraSampler
 from harness.errors import HarnessError
-from harness.sampler import FewStepLoraSampler
+from harness.models import loading as models
 
 
 class LocalStudentSampler(FewStepLoraSampler):

@@ -5,7 +5,7 @@ Two stages, each a run of the shared trainer machinery (accelerate, resumable ch
 1. ``RUN/vae``: an AutoencoderKL learns to reconstruct the images (random crops, L1 + MSE, a small KL
    term); ``--vae_path`` skips it with a VAE trained before.
 2. ``RUN``: with the VAE frozen (its latents cached once), a UNet2DConditionModel and a CLIPTextModel over
-   the offline tokenizer of ``harness.embedded`` learn to denoise together.
+   the offline tokenizer of ``harness.models.embedded`` learn to denoise together.
 
 ``final/`` is a plain diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads.
 ``--init_from`` trains such a folder on: its decoder alone (the latent space stays), then its UNet and text
@@ -23,7 +23,7 @@ card have the figures):
 - Caption dropout (``--caption_dropout``) so that classifier-free guidance has an unconditional model.
 - ``fidelity.jsonl``: the prompt-fidelity judge on the held-out prompts every ``--eval_every`` steps,
   attribute by attribute, so a recipe change shows what it moved, and the caption reliance of
-  ``harness.training.reliance`` (how much the loss rises when a caption's word is wrong): whether the model
+  ``harness.lab.reliance`` (how much the loss rises when a caption's word is wrong): whether the model
   reads each word at all, which the judge's samples cannot tell early on.
 """
 
@@ -39,12 +39,13 @@ from pathlib import Path
 import torch
 
 import harness
-from harness import embedded, judge, scenes
 from harness.errors import HarnessError, one_line
+from harness.lab import judge, scenes
+from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples
+from harness.models import embedded
 from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
 from harness.training.checkpoints import FINAL
 from harness.training.diffusion import EncodedDataset
-from harness.training.reliance import ATTRIBUTES, caption_reliance, probe_examples
 
 FIDELITY_LOG = "fidelity.jsonl"
 VAE_RUN = "vae"
@@ -494,7 +495,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             lines += [
                 "",
                 f"Judge log: prompt fidelity on the held-out prompts ({fidelity[-1]['n']} prompts, "
-                f"{fidelity[-1]['sampler']}, `harness.judge`), as training went:",
+                f"{fidelity[-1]['sampler']}, `harness.lab.judge`), as training went:",
                 "",
                 "| step | overall | " + " | ".join(names) + " |",
                 "|---" * (len(names) + 2) + "|",
@@ -509,7 +510,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             names = [name for name in ATTRIBUTES if name in relied[-1]["reliance"]]
             lines += [
                 "",
-                "Caption reliance (`harness.training.reliance`): how much the training loss rises when the caption's "
+                "Caption reliance (`harness.lab.reliance`): how much the training loss rises when the caption's "
                 f"word for an attribute is swapped for another ({self.config.reliance_examples} training images per "
                 "attribute, timesteps spread over the schedule); 0% means the model ignores the word:",
                 "",
@@ -572,7 +573,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
         )
 
     def _caption_reliance(self) -> dict[str, float]:
-        """``harness.training.reliance`` on the first training images that state each attribute (the same ones,
+        """``harness.lab.reliance`` on the first training images that state each attribute (the same ones,
         timesteps and noise at every evaluation, so the rows compare); empty for data without shapes captions."""
         if not self.config.reliance_examples:
             return {}

@@ -1,11 +1,11 @@
-"""shapes: ``harness data shapes``, the synthetic captioned shapes data set of ``harness.shapes``."""
+"""shapes: ``harness data shapes``, the synthetic captioned shapes data set of ``harness.lab.shapes``."""
 
 from __future__ import annotations
 
 import click
 
 import harness
-from harness import shapes
+from harness.lab import shapes
 
 
 @click.group("data")
@@ -22,7 +22,8 @@ def data():
                    f"{shapes.MAX_RESOLUTION}.")
 @click.option("--grammar", type=click.Choice(shapes.GRAMMARS), default="open", show_default=True,
               help="open: captions leave shape, colour, size, place or background unsaid, one to three objects "
-                   "(harness.scenes); closed: every caption fixes the whole picture (the first embedded model's data).")
+                   "(harness.lab.scenes); closed: every caption fixes the whole picture "
+                   "(the first embedded model's data).")
 def shapes_command(out, n, seed, resolution, grammar):
     """Write a captioned data set of coloured shapes on plain backgrounds.
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import harness
-from harness.lora_presets import PresetLoraSampler, PresetOptions
+from harness.bench.lora_presets import PresetLoraSampler, PresetOptions
+from harness.bench.sampler import GenerationRequest, Sampler, SamplerInfo
 from harness.options import setting
-from harness.sampler import GenerationRequest, Sampler, SamplerInfo
 
 
 @dataclass(frozen=True)

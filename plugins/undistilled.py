@@ -5,8 +5,8 @@ but with the base UNet, so "student vs undistilled at 4 steps" isolates what the
 """
 
 import harness
-from harness import models
-from harness.sampler import DiffusersSampler
+from harness.bench.sampler import DiffusersSampler
+from harness.models import loading as models
 
 
 class UndistilledSampler(DiffusersSampler):

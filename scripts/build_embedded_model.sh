@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded model's whole recipe: open-caption data, VAE + UNet + text encoder (pretrain), four
 # few-step LoRAs (distill, lcm, flash, flash on the lcm LoRA), the lab's leaderboard, and the export
-# into harness/weights/ (what --model embedded loads).
+# into harness/models/weights/ (what --model embedded loads).
 #
 #   nohup ./scripts/build_embedded_model.sh WORK_DIR > build.log 2>&1 &    # ~3.5 h on a 2-core CPU
 #
@@ -16,7 +16,7 @@ mkdir -p "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 if [ ! -d "$WORK/shapes" ]; then
-  log "data: 20,000 open captions (harness.scenes): one to three objects, most of the picture left open"
+  log "data: 20,000 open captions (harness.lab.scenes): one to three objects, most of the picture left open"
   harness data shapes --out "$WORK/shapes" --n 20000 --seed 0 --resolution 64 --grammar open
 fi
 
@@ -88,7 +88,7 @@ harness leaderboard "$WORK/lab/teacher" "$WORK/lab/distill" "$WORK/lab/lcm" "$WO
 # ships; pass WINNER=distill|lcm|flash|lcm_flash to choose.
 WINNER=${WINNER:-$(python "$HERE/scripts/lab_winner.py" "$WORK/lab/leaderboard/leaderboard.json" \
   distill lcm flash lcm_flash)}
-log "export the teacher and the $WINNER LoRA into harness/weights/"
+log "export the teacher and the $WINNER LoRA into harness/models/weights/"
 python "$HERE/scripts/embedded_card.py" "$WORK/embedded/model/final" "$TEACHER" "$WORK/lab/leaderboard/leaderboard.md" \
   "$WINNER" "$WORK/model_card.md"
 python "$HERE/scripts/export_embedded.py" "$TEACHER" "$WORK/${WINNER}_lora/lora/final" --card "$WORK/model_card.md"

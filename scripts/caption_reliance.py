@@ -3,8 +3,8 @@
     python scripts/caption_reliance.py DATA_DIR MODEL [MODEL ...] [--examples 64] [--seed 0]
 
 DATA_DIR is a shapes data set (``harness data shapes``); each MODEL a diffusers folder (a pretrain run's
-``model/final`` or ``model/checkpoint-N``, or ``harness/weights/tiny-sd``). One markdown row per model, the
-same measure ``harness train --plugin pretrain`` logs at each evaluation (``harness.training.reliance``):
+``model/final`` or ``model/checkpoint-N``, or ``harness/models/weights/tiny-sd``). One markdown row per model, the
+same measure ``harness train --plugin pretrain`` logs at each evaluation (``harness.lab.reliance``):
 reliance on count, shape, colour, size, position and background, over the first images that state each.
 """
 
@@ -17,9 +17,9 @@ import torch
 from harness_plugins.pretrain import denoising_losses
 
 from harness.errors import HarnessError
+from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples
 from harness.training.data import centre_crop, find_examples, to_pixels
 from harness.training.diffusion import NoiseSchedule
-from harness.training.reliance import ATTRIBUTES, caption_reliance, probe_examples
 
 
 def main() -> None:

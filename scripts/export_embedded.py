@@ -4,7 +4,7 @@
 
 MODEL_DIR is the ``final/`` folder of ``harness train --plugin pretrain``, LORA_DIR the ``final/`` folder of
 the few-step LoRA that won the lab (``harness train --plugin distill``, ``lcm`` or ``flash``); they replace
-``harness/weights/`` (what ``--model embedded`` loads).
+``harness/models/weights/`` (what ``--model embedded`` loads).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import embedded
-from harness.records import write_folder_atomic
+from harness.models import embedded
+from harness.records.store import write_folder_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

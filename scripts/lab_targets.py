@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.records import read_records
-from harness.schema import Measured, successful
+from harness.records.schema import Measured, successful
+from harness.records.store import read_records
 
 TEACHER_FIDELITY = 0.90
 BLUR_BELOW_TEACHER = 0.25

@@ -3,7 +3,7 @@ many steps as fit a wall-clock budget: what a short GPU lease is for.
 
     python scripts/pretrain_sweep.py --budget 420 \\
         --config shipped= --config text128="--text_width 128 --text_layers 4" \\
-        -- --data_dir SHAPES --output_dir RUNS --vae_path harness/weights/tiny-sd/vae --vae_decoder_steps 0 \\
+        -- --data_dir SHAPES --output_dir RUNS --vae_path harness/models/weights/tiny-sd/vae --vae_decoder_steps 0 \\
            --batch_size 256 --ema_decay 0.999 --seed 0
 
 1. Calibration: every configuration starts at once (they share the device as the real runs will) and the step

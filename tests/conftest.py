@@ -32,7 +32,7 @@ def harness_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_model(harness_home):
     """The shipped embedded teacher's folder (its LoRA is checked to be there too)."""
-    from harness.embedded import embedded_lora, embedded_model
+    from harness.models.embedded import embedded_lora, embedded_model
 
     embedded_lora()
     return embedded_model()
@@ -42,7 +42,7 @@ def invoke(*args: str):
     """Run the harness CLI in-process and return click's result."""
     from click.testing import CliRunner
 
-    from harness.cli import cli
+    from harness.cli.app import cli
 
     return CliRunner().invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
 
@@ -62,8 +62,9 @@ def make_record(sampler="flash-lcm", steps=4, seconds_per_image=0.1, *, baseline
                 image_size=(64, 64), images_per_call=1, device_name="x86_64", dtype="float32", error=None,
                 stdev=0.0, evaluations=None, stages=None, metrics=None, world_size=1, images=None, grid=None,
                 comparisons=(), warnings=(), config=None):
-    """A complete, valid record (``harness.schema.Record``) with figures a test chooses; ``error`` makes it failed."""
-    from harness.schema import Comparison, Measured, Memory, Record, Stages, Stats, Timing, UnetCounts
+    """A complete, valid record (``harness.records.schema.Record``) with figures a test chooses; ``error`` makes
+    it failed."""
+    from harness.records.schema import Comparison, Measured, Memory, Record, Stages, Stats, Timing, UnetCounts
 
     common = dict(sampler=sampler, baseline=baseline, steps=steps, guidance_scale=guidance_scale,
                   created_utc="2026-01-01T00:00:00Z",

@@ -6,8 +6,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from harness import report
-from harness.schema import Record
+from harness.records.schema import Record
+from harness.reporting import report
 from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "2", "--quiet")
@@ -153,9 +153,9 @@ def test_report_rebuilds_summary_and_grids_from_records(compare_run):
 def test_same_seed_same_pixels_other_seed_other_pixels(embedded_model):
     import torch
 
-    from harness import models
-    from harness.plugins import get_registry
-    from harness.sampler import GenerationRequest, SamplerConfig
+    from harness.bench.sampler import GenerationRequest, SamplerConfig
+    from harness.hooks.registry import get_registry
+    from harness.models import loading as models
 
     config = SamplerConfig(models.resolve_model("embedded"), torch.device("cpu"), torch.float32)
     sampler = get_registry().sampler("flash-lcm").cls(config)
@@ -209,7 +209,7 @@ def test_undistilled_is_the_base_model_on_the_few_step_schedule(tmp_path, embedd
 
 
 def test_lora_id_with_lora_path_gives_flash_lcm_and_local_student_one_lora_each(tmp_path, embedded_model):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     other = tmp_path / "other"
     shutil.copytree(embedded_lora(), other)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from harness_plugins.clip_score import SCALE, ClipScoreMetric
 from PIL import Image, ImageDraw
 
-from harness.metric import MetricConfig, MetricInput
+from harness.bench.metric import MetricConfig, MetricInput
 from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
@@ -18,7 +18,7 @@ def tiny_clip(tmp_path_factory):
     """A randomly initialised CLIP (fixed seed) with its processor, saved as a user would save a real one."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from harness.embedded import build_tokenizer
+    from harness.models.embedded import build_tokenizer
 
     tokenizer = build_tokenizer()
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

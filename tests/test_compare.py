@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from harness.compare import compare_runs
-from harness.records import append_record
+from harness.records.store import append_record
+from harness.reporting.compare import compare_runs
 from tests.conftest import invoke, make_record
 
 

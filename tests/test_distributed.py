@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness import distributed
+from harness.bench import distributed
 from harness.errors import HarnessError
 from tests.conftest import record_json
 
@@ -35,7 +35,7 @@ import time
 from PIL import Image
 
 import harness
-from harness.sampler import Sampler, SamplerInfo
+from harness.bench.sampler import Sampler, SamplerInfo
 
 
 class RankOneExplodes(Sampler):
@@ -155,7 +155,7 @@ def test_torchrun_bench_writes_the_one_process_run(tmp_path, prompts):
 
 
 def test_accelerate_launch_eval_with_metrics(tmp_path, prompts):
-    from harness.models import resolve_model
+    from harness.models.loading import resolve_model
 
     # Three calls over two ranks: rank 0 makes images 0 and 2, rank 1 image 1.
     args = ("eval", "--lora_path", resolve_model("embedded").default_lora, "--prompts", prompts, "--steps", "2",
@@ -245,8 +245,8 @@ def test_world_comes_from_the_launchers_variables(monkeypatch):
 
 
 def test_more_processes_than_calls_is_refused(tmp_path, embedded_model):
-    from harness.plugins import get_registry
-    from harness.runner import BenchRun, BenchSpec
+    from harness.bench.runner import BenchRun, BenchSpec
+    from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=["flash-lcm"], steps=[2], prompts=PROMPTS, model="embedded", outdir=tmp_path)
     with pytest.raises(HarnessError) as failure:

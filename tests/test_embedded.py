@@ -1,4 +1,4 @@
-"""Tests for harness.embedded: the shipped tiny SD teacher, its few-step LoRA, and the offline tokenizer."""
+"""Tests for harness.models.embedded: the shipped tiny SD teacher, its few-step LoRA, and the offline tokenizer."""
 
 import os
 
@@ -16,9 +16,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from harness import embedded
 from harness.errors import HarnessError
-from harness.scenes import held_out_prompts
+from harness.lab.scenes import held_out_prompts
+from harness.models import embedded
 from tests.conftest import invoke, record_json
 
 # What the shipped lab must keep showing, at reduced size (LAB_EVERY: every 2nd held-out prompt, 4 seeds, seed 7).

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import harness
-from harness.sampler import Sampler, SamplerInfo
+from harness.bench.sampler import Sampler, SamplerInfo
 
 
 class Explodes(Sampler):
@@ -125,7 +125,7 @@ def test_jsonl_prompt_file_without_prompt_field(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_lora_file_is_one_line(tmp_path, embedded_model, damage):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     original = (embedded_lora() / "pytorch_lora_weights.safetensors").read_bytes()
     lora = tmp_path / "lora"
@@ -163,7 +163,7 @@ def test_lora_for_another_architecture_is_one_line(tmp_path, embedded_model):
 def test_a_lora_whose_shapes_do_not_fit_names_the_layer_in_one_line(tmp_path, embedded_model, capfd):
     from safetensors.torch import load_file, save_file
 
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     weights = load_file(embedded_lora() / "pytorch_lora_weights.safetensors")
     name = sorted(weights)[0]
@@ -196,7 +196,7 @@ def test_one_line_joins_a_heading_to_the_line_it_announces():
 def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_path, monkeypatch, embedded_model):
     import errno
 
-    from harness import records
+    from harness.records import store as records
 
     real_save = records.save_image_atomic
     saved = []

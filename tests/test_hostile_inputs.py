@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.records import append_record
-from harness.rundir import LOCK_FILE, FolderLock
+from harness.records.rundir import LOCK_FILE, FolderLock
+from harness.records.store import append_record
 from tests.conftest import invoke, make_record
 
 FAST = ("--model", "embedded", "--warmup", "0", "--repeats", "1", "--quiet", "--seed", "0")
@@ -170,7 +170,7 @@ SEED_RANGE = "is not in the range 0<=x<=18446744073709551615"
     (("--sampler", "nope"), "unknown sampler 'nope'"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(tmp_path, monkeypatch, args, message):
-    from harness import models
+    from harness.models import loading as models
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a model was loaded for a bad argument")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from harness.rundir import FolderLock
+from harness.records.rundir import FolderLock
 from tests.conftest import invoke, record_json
 
 FAST = ("--model", "embedded", "--warmup", "0", "--repeats", "1", "--quiet", "--seed", "0")

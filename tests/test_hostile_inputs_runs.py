@@ -20,9 +20,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import distributed, launcher, report, resources, runner, timing
+from harness.bench import distributed, resources, runner, timing
+from harness.bench.prompts import read_prompt_file
+from harness.cli import main as launcher
 from harness.errors import HarnessError
-from harness.prompts import read_prompt_file
+from harness.reporting import report
 from tests.conftest import invoke, record_json
 
 FAST = ("--model", "embedded", "--warmup", "0", "--repeats", "1", "--quiet", "--seed", "0")
@@ -40,14 +42,14 @@ def no_model_loads(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("harness.models.load_pipeline", refuse)
+    monkeypatch.setattr("harness.models.loading.load_pipeline", refuse)
 
 
 # ----- 1. numeric faults: NaN or inf in the UNet's outputs or the images -----
 
 NAN_SAMPLERS = '''
 import harness
-from harness.sampler import DiffusersSampler
+from harness.bench.sampler import DiffusersSampler
 
 
 class NanSampler(DiffusersSampler):
@@ -232,7 +234,7 @@ from pathlib import Path
 import torch.distributed
 
 import harness
-from harness.sampler import Sampler, SamplerInfo
+from harness.bench.sampler import Sampler, SamplerInfo
 
 
 class StuckSampler(Sampler):
@@ -317,8 +319,8 @@ def test_a_call_no_machine_can_hold_is_refused_on_this_one(tmp_path, embedded_mo
 
 
 def test_the_estimate_covers_the_embedded_model_and_knows_what_helps():
-    from harness import models
-    from harness.speed import SpeedOptions
+    from harness.models import loading as models
+    from harness.models.speed import SpeedOptions
 
     unet, vae, parameters = resources.model_architecture(models.resolve_model("embedded"))
     assert resources.native_size(unet, vae) == (64, 64)
@@ -340,7 +342,7 @@ def test_the_estimate_covers_the_embedded_model_and_knows_what_helps():
 def test_a_hub_model_in_the_local_cache_is_estimated_from_its_cached_configs(tmp_path, embedded_model, monkeypatch):
     import huggingface_hub.constants
 
-    from harness import models
+    from harness.models import loading as models
 
     snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "abc"
     for part in ("unet", "vae"):

@@ -23,9 +23,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness import lora_io, models
 from harness.errors import HarnessError
-from harness.rundir import LOCK_FILE, REPLACED_FOLDER, FolderLock
+from harness.models import loading as models
+from harness.models import lora_io
+from harness.records.rundir import LOCK_FILE, REPLACED_FOLDER, FolderLock
 from harness.training import checkpoints
 from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.data import Examples, ImageCaptionDataset, find_examples
@@ -428,7 +429,7 @@ def test_cpu_out_of_memory_keeps_the_last_checkpoint_intact(tmp_path, shapes, em
 
 def _broken_lora(folder: Path, value: float) -> tuple[Path, str, int]:
     """The embedded LoRA with ``value`` written into one tensor: (its file, that tensor's name, tensor count)."""
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     source = embedded_lora() / lora_io.DIFFUSERS_LORA_FILE
     with safe_open(source, framework="pt") as handle:

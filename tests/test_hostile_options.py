@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import models
-from harness.cli import cli
+from harness.cli.app import cli
+from harness.cli.train import make_trainer_command
 from harness.errors import HarnessError
-from harness.plugins import get_registry
-from harness.train_cli import make_trainer_command
+from harness.hooks.registry import get_registry
+from harness.models import loading as models
 from harness.training.data import Examples, ImageCaptionDataset, find_examples
 from harness.training.trainer import Trainer
 from tests.conftest import invoke

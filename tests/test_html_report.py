@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from harness import report
-from harness.records import append_record, read_records
-from harness.runner import RunWriter
-from harness.schema import Comparison
+from harness.bench.runner import RunWriter
+from harness.records.schema import Comparison
+from harness.records.store import append_record, read_records
+from harness.reporting import report
 from tests.conftest import invoke, make_record, record_json
 from tests.test_report import BASELINE, FAST
 

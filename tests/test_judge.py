@@ -1,4 +1,4 @@
-"""The pixel judge (harness.judge): these tests fix its thresholds by what renders score, never by a model.
+"""The pixel judge (harness.lab.judge): these tests fix its thresholds by what renders score, never by a model.
 
 Measured when the tests were written (seeds as below): clean, blurred and noisy renders of open and closed
 captions all score 1.0; the pixel mean of 8 layouts of a layout-open caption at most 0.5 (commitment 0);
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from harness import scenes, shapes
-from harness.judge import SUMMARY_KEYS, coverage, coverage_of, judge, judge_all, read, score
-from harness.scenes import Caption, Scene, ShapeObject, caption_rng, draw_scene, parse, render_scene
+from harness.lab import scenes, shapes
+from harness.lab.judge import SUMMARY_KEYS, coverage, coverage_of, judge, judge_all, read, score
+from harness.lab.scenes import Caption, Scene, ShapeObject, caption_rng, draw_scene, parse, render_scene
 
 # What a caption scores against a picture drawn for another, independent caption (measured on 20,000 pairs
 # of scenes: shape 0.337, colour 0.127, size 0.502, position 0.195, background 0.127, count 0.375).

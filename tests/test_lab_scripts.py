@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from harness.records import append_record
+from harness.records.store import append_record
 from tests.conftest import load_script, make_record
 
 TEACHER = (0.70, 0.60)

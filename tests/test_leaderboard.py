@@ -11,7 +11,7 @@ import json
 import pytest
 from PIL import Image
 
-from harness.leaderboard import (
+from harness.reporting.leaderboard import (
     LEADERBOARD_JSON,
     LEADERBOARD_MD,
     LEADERBOARD_PLOT,
@@ -139,7 +139,7 @@ def test_pareto_front_leaves_out_dominated_points(runs):
     ("checkpoints/distill/lora/final/pytorch_lora_weights.safetensors", "distill"),
     ("./checkpoints/lcm/lora/checkpoint-500", "lcm checkpoint-500"),
     ("jasperai/flash-sd", "flash-sd"),
-    ("/opt/harness/weights/tiny-sd-flash-lora", "tiny-sd-flash-lora"),
+    ("/opt/harness/models/weights/tiny-sd-flash-lora", "tiny-sd-flash-lora"),
     ("final", "final"),
 ])
 def test_lora_names_come_from_the_training_run_folder(location, name):

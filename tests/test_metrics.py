@@ -79,8 +79,8 @@ def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded
 
 
 def test_no_quality_metric_runs_on_random_weights(tmp_path):
-    from harness.plugins import get_registry
-    from harness.runner import BenchRun, BenchSpec, Reference, Task
+    from harness.bench.runner import BenchRun, BenchSpec, Reference, Task
+    from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=("flash-lcm",), steps=(2,), prompts=("p",), model="sd15-arch", outdir=tmp_path,
                      metrics=("psnr",))
@@ -108,9 +108,9 @@ def test_fidelity_is_perfect_on_renders_of_the_prompt_and_low_on_other_prompts()
     import torch
     from harness_plugins.fidelity import FidelityMetric
 
-    from harness.metric import MetricConfig, MetricInput
-    from harness.scenes import draw_scene, render_scene, sample_caption
-    from harness.shapes import all_attributes, caption, render
+    from harness.bench.metric import MetricConfig, MetricInput
+    from harness.lab.scenes import draw_scene, render_scene, sample_caption
+    from harness.lab.shapes import all_attributes, caption, render
 
     rng = random.Random(0)
     captions = [sample_caption(rng) for _ in range(40)]
@@ -132,9 +132,9 @@ def test_coverage_is_high_on_independent_renders_and_low_on_one_repeated_layout(
     import torch
     from harness_plugins.fidelity import CoverageMetric
 
+    from harness.bench.metric import MetricConfig, MetricInput
     from harness.errors import HarnessError
-    from harness.metric import MetricConfig, MetricInput
-    from harness.scenes import draw_scene, held_out_prompts, parse, render_scene
+    from harness.lab.scenes import draw_scene, held_out_prompts, parse, render_scene
 
     def pictures(scene_rng):
         return [render_scene(draw_scene(parse(text), scene_rng(text, seed), allow_held_out=True))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness import models
 from harness.errors import HarnessError
+from harness.models import loading as models
 from tests.conftest import invoke
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
@@ -79,7 +79,7 @@ def test_bad_lora_paths(tmp_path, case):
 
 
 def test_lora_path_wins_over_lora_id(embedded_model):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     lora_dir = embedded_lora()
     source = models.resolve_lora(str(lora_dir), "jasperai/flash-sd")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.cli_support import expand_multi_value
+from harness.cli.support import expand_multi_value
 from tests.conftest import invoke
 
 
@@ -128,8 +128,8 @@ def test_eval_is_bench_with_the_student_against_the_baseline():
 
 
 def test_built_in_prompt_sets(tmp_path, monkeypatch):
-    from harness import scenes, shapes
-    from harness.prompts import SEED_PROMPTS
+    from harness.bench.prompts import SEED_PROMPTS
+    from harness.lab import scenes, shapes
 
     held_out = plan("--prompts", "held-out")["spec"]["prompts"]
     assert held_out == scenes.held_out_prompts() and len(held_out) == 64

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import embedded
 from harness.errors import HarnessError
+from harness.models import embedded
 
 from .conftest import invoke
 
@@ -30,7 +30,7 @@ def _expected_members() -> set[str]:
     """What an installation needs: every module of harness (and of plugins/, as harness_plugins) and every
     file of the embedded model and the architecture configs."""
     members = {name for name in _tracked("harness") if name.endswith(".py") or name.startswith(
-        ("harness/weights/", "harness/configs/")) or name == "harness/py.typed"}
+        ("harness/models/weights/", "harness/models/configs/")) or name == "harness/py.typed"}
     members |= {"harness_plugins/" + name.removeprefix("plugins/") for name in _tracked("plugins")
                 if name.endswith(".py")}
     return members
@@ -62,7 +62,7 @@ def test_wheel_holds_every_module_and_model_file(built):
     assert not missing, f"the wheel lacks {sorted(missing)[:5]}"
     assert "harness/training/trainer.py" in names  # the subpackage a hand-written list once left out
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "harness = harness.launcher:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "harness = harness.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from harness.plots import LATENCY_PLOT, latency_series, needs_log_scale, write_latency_plot
+from harness.reporting.plots import LATENCY_PLOT, latency_series, needs_log_scale, write_latency_plot
 from tests.test_compare import make_record, run_records
 
 RUN = [*run_records(), make_record("flash-lcm", 8, 0.4), make_record("flash-lcm", 1, error="out of memory")]
@@ -45,7 +45,7 @@ def test_same_records_give_the_same_bytes(tmp_path):
 
 
 def test_pareto_front_keeps_only_points_nothing_beats():
-    from harness.plots import QualityPoint, pareto_front
+    from harness.reporting.plots import QualityPoint, pareto_front
 
     points = [QualityPoint("a", 1.0, 20.0), QualityPoint("b", 2.0, 25.0), QualityPoint("c", 3.0, 22.0),
               QualityPoint("d", 0.5, 10.0), QualityPoint("e", 4.0, 30.0)]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import embedded
-from harness.shapes import write_dataset
+from harness.lab.shapes import write_dataset
+from harness.models import embedded
 from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]

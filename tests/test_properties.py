@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli_support import expand_multi_value
+from harness.bench.prompts import load_prompts
+from harness.cli.support import expand_multi_value
 from harness.errors import HarnessError
-from harness.prompts import load_prompts
 from tests.conftest import invoke
 
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,4 +1,4 @@
-"""Caption reliance (harness.training.reliance): swapped captions, the examples probed, the measure itself."""
+"""Caption reliance (harness.lab.reliance): swapped captions, the examples probed, the measure itself."""
 
 import random
 import subprocess
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import scenes
-from harness.embedded import embedded_model
-from harness.shapes import write_dataset
-from harness.training.reliance import ATTRIBUTES, caption_reliance, probe_examples, swap
+from harness.lab import scenes
+from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples, swap
+from harness.lab.shapes import write_dataset
+from harness.models.embedded import embedded_model
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness import report
+from harness.reporting import report
 from tests.conftest import make_record
 
 

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness import timing
-from harness.metric import Metric, MetricInput
-from harness.plugins import get_registry
-from harness.records import read_records
-from harness.runner import (
+from harness.bench import timing
+from harness.bench.metric import Metric, MetricInput
+from harness.bench.runner import (
     BenchSpec,
     RecordContext,
     Reference,
@@ -22,7 +20,9 @@ from harness.runner import (
     comparison_name,
     plan,
 )
-from harness.schema import Comparison, Stages
+from harness.hooks.registry import get_registry
+from harness.records.schema import Comparison, Stages
+from harness.records.store import read_records
 
 
 def spec(**changes) -> BenchSpec:

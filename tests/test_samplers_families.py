@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import lora_presets, models
+from harness.bench import lora_presets
 from harness.errors import HarnessError
+from harness.models import loading as models
 from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
@@ -66,7 +67,7 @@ def test_new_samplers_are_listed_as_built_in_plugins():
 
 
 def test_plan_gives_each_family_its_guidance_and_grid_name():
-    from harness.runner import Task, comparison_name
+    from harness.bench.runner import Task, comparison_name
 
     result = invoke("bench", "--dry-run", "--sampler", "tcd", "dpm-solver", "--steps", "2", "--tcd-gamma", "0.5",
                     "--compare_baseline", "--seed", "42")
@@ -98,7 +99,7 @@ def families_run(tmp_path_factory, embedded_model):
 
 
 def test_tcd_and_dpm_solver_records(families_run, embedded_model):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     tcd, dpm = families_run["tcd"], families_run["dpm-solver"]
     assert tcd["status"] == dpm["status"] == "ok"
@@ -124,7 +125,7 @@ def test_tcd_and_dpm_solver_records(families_run, embedded_model):
 def _sampler(cls, model, options=None):
     import torch
 
-    from harness.sampler import SamplerConfig
+    from harness.bench.sampler import SamplerConfig
 
     sampler = cls(SamplerConfig(model, torch.device("cpu"), torch.float32), options)
     sampler.load()
@@ -135,7 +136,7 @@ def test_tcd_gamma_changes_the_images(embedded_model):
     import numpy as np
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.sampler import GenerationRequest
+    from harness.bench.sampler import GenerationRequest
 
     model = models.resolve_model("embedded")
     request = GenerationRequest(model.default_prompt, 4, 0.0, (0,))
@@ -151,7 +152,7 @@ def test_tcd_gamma_changes_the_images(embedded_model):
 
 @pytest.mark.parametrize("name", sorted(lora_presets.PRESETS))
 def test_every_preset_on_the_embedded_model_is_its_shipped_lora(name, offline_cache, embedded_model):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     choice = lora_presets.choose(name, models.resolve_model("embedded"))
     source = choice.source(4)  # offline, empty cache: nothing is looked up
@@ -162,7 +163,7 @@ def test_every_preset_on_the_embedded_model_is_its_shipped_lora(name, offline_ca
 
 
 def test_a_preset_on_the_embedded_model_through_the_cli(tmp_path, embedded_model):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     result = invoke("bench", "--model", "embedded", "--sampler", "flash-lcm", "--lora_preset", "lcm-lora",
                     "--steps", "2", "--outdir", tmp_path / "run", *FAST)
@@ -230,7 +231,7 @@ def test_preflight_refuses_what_cannot_run(offline_cache):
     from harness_plugins.flash_lcm import FlashLcmSampler
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.sampler import SamplerConfig
+    from harness.bench.sampler import SamplerConfig
 
     config = SamplerConfig(models.resolve_model("sd15"), torch.device("cpu"), torch.float32)
     with pytest.raises(HarnessError, match="LoRA preset 'tcd' needs h1t/TCD-SD15-LoRA"):
@@ -249,8 +250,8 @@ def test_lora_named_by_path_or_id_wins_over_the_default_preset(embedded_model, t
     import torch
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.embedded import embedded_lora
-    from harness.sampler import SamplerConfig
+    from harness.bench.sampler import SamplerConfig
+    from harness.models.embedded import embedded_lora
 
     sd15 = models.resolve_model("sd15")
     other = tmp_path / "other"
@@ -286,8 +287,8 @@ def test_a_per_step_preset_loads_the_file_of_each_step_count(embedded_model, tmp
     from harness_plugins.tcd import TcdOptions, TcdSampler
     from huggingface_hub import constants
 
-    from harness.embedded import embedded_lora
-    from harness.sampler import GenerationRequest, SamplerConfig
+    from harness.bench.sampler import GenerationRequest, SamplerConfig
+    from harness.models.embedded import embedded_lora
 
     files = tmp_path / "per-step"
     files.mkdir()

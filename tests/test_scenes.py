@@ -1,4 +1,4 @@
-"""The open-caption grammar of the shapes data set (harness.scenes) and `harness data shapes --grammar`."""
+"""The open-caption grammar of the shapes data set (harness.lab.scenes) and `harness data shapes --grammar`."""
 
 import random
 from collections import Counter
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness import scenes, shapes
 from harness.errors import HarnessError
-from harness.judge import judge
-from harness.scenes import (
+from harness.lab import scenes, shapes
+from harness.lab.judge import judge
+from harness.lab.scenes import (
     COUNTS,
     GAP,
     HELD_OUT,
@@ -27,7 +27,7 @@ from harness.scenes import (
     render_scene,
     sample_caption,
 )
-from harness.shapes import ANCHORS, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES, write_dataset
+from harness.lab.shapes import ANCHORS, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES, write_dataset
 from tests.conftest import invoke
 
 

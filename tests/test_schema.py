@@ -10,8 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.errors import RecordError
-from harness.records import append_record, read_records
-from harness.schema import SCHEMA, Comparison, Measured, Memory, RankFigures, Record, Stages, Stats, Timing, UnetCounts
+from harness.records.schema import (
+    SCHEMA,
+    Comparison,
+    Measured,
+    Memory,
+    RankFigures,
+    Record,
+    Stages,
+    Stats,
+    Timing,
+    UnetCounts,
+)
+from harness.records.store import append_record, read_records
 from tests.conftest import make_record
 
 README = Path(__file__).resolve().parent.parent / "README.md"

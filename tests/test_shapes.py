@@ -1,4 +1,4 @@
-"""The closed shapes grammar and its data set (harness.shapes), the judge on it, `harness data shapes`.
+"""The closed shapes grammar and its data set (harness.lab.shapes), the judge on it, `harness data shapes`.
 
 The open grammar (the default data set) is tested in tests/test_scenes.py, the judge in tests/test_judge.py.
 """
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.judge import SUMMARY_KEYS, judge_all
-from harness.shapes import (
+from harness.lab.judge import SUMMARY_KEYS, judge_all
+from harness.lab.shapes import (
     ATTRIBUTE_NAMES,
     COLOUR_NAMES,
     POSITIONS,
@@ -162,7 +162,7 @@ def test_dataset_is_deterministic_per_n_seed_and_resolution(tmp_path):
 
 
 def test_interrupted_dataset_leaves_nothing_behind(tmp_path, monkeypatch):
-    import harness.shapes
+    import harness.lab.shapes
 
     rendered = []
 
@@ -172,7 +172,7 @@ def test_interrupted_dataset_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return render(attrs, resolution)
 
-    monkeypatch.setattr(harness.shapes, "render", render_then_interrupt)
+    monkeypatch.setattr(harness.lab.shapes, "render", render_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path / "set", n=50, seed=0, resolution=32, grammar="closed")
     assert len(rendered) == 4

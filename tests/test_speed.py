@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import models
-from harness.plugins import get_registry
-from harness.sampler import GenerationRequest, SamplerConfig
-from harness.speed import SpeedOptions
+from harness.bench.sampler import GenerationRequest, SamplerConfig
+from harness.hooks.registry import get_registry
+from harness.models import loading as models
+from harness.models.speed import SpeedOptions
 from tests.conftest import invoke
 
 
@@ -67,7 +67,7 @@ def test_batch_must_divide_num_images():
 
 
 def test_sd15_arch_is_stable_diffusion_1_5_with_random_weights():
-    from harness.architectures import build_pipeline
+    from harness.models.architectures import build_pipeline
 
     spec = models.resolve_model("sd15-arch")
     assert spec.random_weights and spec.note == "random weights, timing only"

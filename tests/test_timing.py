@@ -6,8 +6,8 @@ import statistics
 import pytest
 import torch
 
-from harness import timing
-from harness.schema import Stats
+from harness.bench import timing
+from harness.records.schema import Stats
 
 CPU = torch.device("cpu")
 

@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from harness.report import GAP, LABEL_HEIGHT, MIN_TILE
-from harness.scenes import held_out_prompts
-from harness.shapes import write_dataset
+from harness.lab.scenes import held_out_prompts
+from harness.lab.shapes import write_dataset
+from harness.reporting.report import GAP, LABEL_HEIGHT, MIN_TILE
 from tests.conftest import invoke, record_json
 from tests.test_train_data import write_shapes
 
@@ -153,7 +153,7 @@ def test_cached_latents_and_gradient_checkpointing_train_the_same_weights(embedd
 
 
 def test_lora_path_starts_the_student_from_that_lora_with_its_own_scale(embedded_model, shapes, tmp_path):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     start = embedded_lora()  # rank 8, alpha 8: not the --lora_alpha default
     result = invoke("train", "--plugin", "distill", "--model", "embedded", "--data_dir", shapes, "--max_steps", "1",

@@ -62,7 +62,7 @@ def test_train_lora_sh_takes_the_seeds_arguments(shapes, tmp_path):
 
 
 def test_eval_lora_sh_splits_the_seeds_quoted_steps(tmp_path):
-    from harness.embedded import embedded_lora
+    from harness.models.embedded import embedded_lora
 
     _run(["bash", REPO / "scripts" / "eval_lora.sh", "--lora_path", embedded_lora(), "--model", "embedded",
           "--prompt", "a red circle", "--steps", "2 4", "--seed", "42", "--outdir", tmp_path / "eval",

@@ -12,8 +12,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import lora_io, models
 from harness.errors import HarnessError
+from harness.models import loading as models
+from harness.models import lora_io
 
 RANK, ALPHA = 4, 32  # scale 8: loading at scale 1 would be far off
 

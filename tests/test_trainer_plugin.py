@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.plugins import get_registry
+from harness.hooks.registry import get_registry
 from tests.conftest import invoke, record_json
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from harness import lora_io
 from harness.errors import HarnessError, one_line
+from harness.models import lora_io
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_INFO = "training_state.json"

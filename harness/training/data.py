@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError, RecordError, one_line
-from harness.records import json_line
+from harness.records.store import json_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Tried in this order when --image_column / --caption_column are not given.

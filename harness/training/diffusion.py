@@ -3,7 +3,7 @@
 - :class:`NoiseSchedule`: the forward process and the conversions between what a UNet predicts (epsilon,
   v or the sample) and the clean latent, built from the model's own scheduler config, so any betas
   (zero-terminal-SNR included) and prediction type work.
-- :class:`LatentDiffusionTrainer`: loads the pipeline with ``harness.models`` (the code ``harness bench``
+- :class:`LatentDiffusionTrainer`: loads the pipeline with ``harness.models.loading`` (the code ``harness bench``
   uses), freezes it, encodes images and captions, optionally caches the VAE's posteriors, and samples
   images for validation grids.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from harness import models
+from harness.models import loading as models
 from harness.training.trainer import Trainer
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from harness import lora_io, models
 from harness.errors import HarnessError
+from harness.models import loading as models
+from harness.models import lora_io
 from harness.training.config import TrainConfig, setting
 from harness.training.diffusion import CLEAN, LatentDiffusionTrainer
 

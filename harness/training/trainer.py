@@ -50,9 +50,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness import records, report
 from harness.errors import HarnessError, one_line
-from harness.rundir import FolderLock, Replacement, first_missing
+from harness.records import store as records
+from harness.records.rundir import FolderLock, Replacement, first_missing
+from harness.reporting import report
 from harness.training import checkpoints
 from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.config import TrainConfig
@@ -733,7 +734,7 @@ class Trainer(abc.ABC):
 
     def _plugin_manager(self):
         if self.plugin_manager is None:
-            from harness.plugins import get_registry
+            from harness.hooks.registry import get_registry
 
             self.plugin_manager = get_registry().pm
         return self.plugin_manager

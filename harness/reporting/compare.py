@@ -13,10 +13,10 @@ import click
 from tabulate import tabulate
 
 from harness.errors import ExitCode, HarnessError
-from harness.html_report import Side, Table, write_compare_page
 from harness.options import FiniteFloat
-from harness.records import read_records
-from harness.schema import Measured, Record, successful
+from harness.records.schema import Measured, Record, successful
+from harness.records.store import read_records
+from harness.reporting.html import Side, Table, write_compare_page
 
 
 class MeasurementKey(NamedTuple):

@@ -6,7 +6,7 @@
 - :func:`build_record` (pure): the typed record of a measurement from what every process measured;
 - :class:`RunWriter`: every file of the run folder (images, grids, records, summary, plots);
 - :class:`BenchRun`: loads each sampler once and moves tasks through these parts, with the other processes
-  of a torchrun / accelerate launch job (``harness.distributed``) where there are several.
+  of a torchrun / accelerate launch job (``harness.bench.distributed``) where there are several.
 """
 
 from __future__ import annotations
@@ -27,14 +27,17 @@ from typing import Any
 
 import torch
 
-from harness import distributed, models, records, report, resources, timing
+from harness.bench import distributed, resources, timing
+from harness.bench.metric import Metric, MetricConfig, MetricInput
+from harness.bench.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
-from harness.metric import Metric, MetricConfig, MetricInput
+from harness.hooks.registry import Registry
+from harness.models import loading as models
+from harness.models.speed import SpeedOptions
 from harness.options import Options, setting
-from harness.plugins import Registry
-from harness.sampler import GenerationRequest, Sampler, SamplerConfig
-from harness.schema import Comparison, Measured, Memory, RankFigures, Record, Stages, Stats, Timing, UnetCounts
-from harness.speed import SpeedOptions
+from harness.records import store as records
+from harness.records.schema import Comparison, Measured, Memory, RankFigures, Record, Stages, Stats, Timing, UnetCounts
+from harness.reporting import report
 
 # Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -48,7 +51,7 @@ MAX_SEED = 2**64 - 1  # torch generators take seeds up to 2**64 - 1
 class BenchOptions(Options):
     """What ``harness bench`` (and ``harness eval``) are asked, one option per field.
 
-    With :class:`harness.timing.TimingSettings`, :class:`harness.speed.SpeedOptions` and the selected
+    With :class:`harness.bench.timing.TimingSettings`, :class:`harness.models.speed.SpeedOptions` and the selected
     plugins' ``Options`` this is every option of the command and the only place their defaults live.
     """
 

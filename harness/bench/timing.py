@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from harness.options import Options, setting
-from harness.schema import Stages, Stats
+from harness.records.schema import Stages, Stats
 
 
 def synchronize(device: torch.device) -> None:

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tabulate import tabulate
 
 from harness.errors import HarnessError, one_line
-from harness.records import RECORDS_FILE, SUMMARY_FILE, read_records, save_image_atomic, write_text_atomic
-from harness.schema import Measured, Memory, Record, successful, successful_baselines
+from harness.records.schema import Measured, Memory, Record, successful, successful_baselines
+from harness.records.store import RECORDS_FILE, SUMMARY_FILE, read_records, save_image_atomic, write_text_atomic
 
 # Tiles smaller than this are scaled up (nearest neighbour) so grids of tiny images stay readable.
 MIN_TILE = 128
@@ -199,7 +199,7 @@ def summary_markdown(records: Sequence[Record]) -> str:
 
 def write_summary(run_dir: Path, records: Sequence[Record]) -> str:
     """Write the latency plot and ``summary.md`` (which links the plot)."""
-    from harness.plots import write_latency_plot, write_quality_plot
+    from harness.reporting.plots import write_latency_plot, write_quality_plot
 
     text = summary_markdown(records)
     plot = write_latency_plot(Path(run_dir), records)

@@ -25,7 +25,7 @@ def build_pipeline(folder: Path, device: torch.device, dtype: torch.dtype, seed:
     from diffusers.schedulers.scheduling_pndm import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from harness.embedded import build_tokenizer
+    from harness.models.embedded import build_tokenizer
 
     def config(component: str, name: str = "config.json") -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads((folder / component / name).read_text())

@@ -22,8 +22,8 @@ It reads a picture back from pixels, with no model, the same way every time (``r
 4. solidity: the share of ink within ``EDGE_PIXELS`` of an object. A render's ink is all objects; a smear,
    or the ghost of several layouts averaged, is ink that belongs to no solid object.
 
-``judge()`` scores one picture against its caption (``harness.scenes`` grammar, which includes the closed
-one of ``harness.shapes``):
+``judge()`` scores one picture against its caption (``harness.lab.scenes`` grammar, which includes the closed
+one of ``harness.lab.shapes``):
 
 - each attribute the caption states: background right or not; shape, colour, size and position as the
   share of the objects that show it (no object: 0);
@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harness import scenes
-from harness.shapes import COLOURS
+from harness.lab import scenes
+from harness.lab.shapes import COLOURS
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=float)
 _PALETTE_NAMES = list(COLOURS)

@@ -1,10 +1,10 @@
 """The embedded model: a tiny Stable-Diffusion-architecture text-to-image model that ships with harness.
 
-``harness/weights/tiny-sd`` is a diffusers folder (fp16 safetensors) trained from scratch by the project
-(``scripts/build_embedded_model.sh``: ``harness train --plugin pretrain`` on ``harness.shapes`` captions),
-and ``harness/weights/tiny-sd-flash-lora`` its few-step LoRA (``harness train --plugin distill``). They
+``harness/models/weights/tiny-sd`` is a diffusers folder (fp16 safetensors) trained from scratch by the project
+(``scripts/build_embedded_model.sh``: ``harness train --plugin pretrain`` on ``harness.lab.shapes`` captions),
+and ``harness/models/weights/tiny-sd-flash-lora`` its few-step LoRA (``harness train --plugin distill``). They
 load with exactly the code that loads SD 1.5 and its Flash LoRA, so every feature of the harness runs and
-is tested offline on a CPU, on a model whose pictures can be judged (``harness.judge``).
+is tested offline on a CPU, on a model whose pictures can be judged (``harness.lab.judge``).
 
 This module also builds the model's tokenizer: a CLIP BPE tokenizer made in memory, with nothing
 fetched from a hub.

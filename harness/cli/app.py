@@ -18,19 +18,23 @@ from typing import Any, NoReturn
 import click
 from tabulate import tabulate
 
-from harness import __version__, distributed, html_report, records, report
-from harness.cli_support import MultiValueCommand, click_errors
-from harness.compare import compare_command
+from harness import __version__
+from harness.bench import distributed
+from harness.bench.prompts import load_prompts
+from harness.bench.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec, plan
+from harness.bench.timing import TimingSettings
+from harness.cli.support import MultiValueCommand, click_errors
+from harness.cli.train import train
 from harness.errors import ExitCode, HarnessError
-from harness.leaderboard import leaderboard_command
+from harness.hooks.registry import PLUGIN_DIRS_ENV, Registry, get_registry
+from harness.models.speed import SpeedOptions
 from harness.options import build, click_options, multi_value_flags
-from harness.plugins import PLUGIN_DIRS_ENV, Registry, get_registry
-from harness.prompts import load_prompts
-from harness.rundir import FolderLock, Replacement, first_missing
-from harness.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec, plan
-from harness.speed import SpeedOptions
-from harness.timing import TimingSettings
-from harness.train_cli import train
+from harness.records import store as records
+from harness.records.rundir import FolderLock, Replacement, first_missing
+from harness.reporting import html as html_report
+from harness.reporting import report
+from harness.reporting.compare import compare_command
+from harness.reporting.leaderboard import leaderboard_command
 
 
 class HarnessGroup(click.Group):
@@ -161,7 +165,7 @@ GENERATED_COMMANDS = {
 def build_spec(registry: Registry, options: BenchOptions, timing_settings: TimingSettings, speed: SpeedOptions,
                plugin_values: dict[str, Any], given: dict[str, PluginOption]) -> BenchSpec:
     """Check every option against the others before anything loads, and resolve them into a BenchSpec."""
-    from harness import models
+    from harness.models import loading as models
 
     samplers = list(dict.fromkeys(options.samplers))
     for name in samplers:
@@ -219,7 +223,7 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
 
 
 def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> None:
-    """One process, or one of several started by torchrun / accelerate launch (see harness.distributed)."""
+    """One process, or one of several started by torchrun / accelerate launch (see harness.bench.distributed)."""
     world = distributed.world_from_env()
     try:
         launch_bench(registry, spec, options, world)
@@ -348,7 +352,7 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
 
 def _is_run_file(name: str) -> bool:
     """Whether a bench run writes a file of this name into --outdir."""
-    from harness.plots import LATENCY_PLOT, QUALITY_PLOT
+    from harness.reporting.plots import LATENCY_PLOT, QUALITY_PLOT
 
     fixed = (records.RECORDS_FILE, records.SUMMARY_FILE, LATENCY_PLOT, QUALITY_PLOT, html_report.HTML_FILE)
     return name in fixed or RUN_IMAGE.fullmatch(name) is not None
@@ -478,7 +482,7 @@ cli.add_command(train)
 
 
 def main() -> None:
-    """The entry point of installs made before ``harness.launcher`` existed (their ``harness`` script calls it)."""
-    from harness.launcher import main as launch
+    """The entry point of installs made before ``harness.cli.main`` existed (their ``harness`` script calls it)."""
+    from harness.cli.main import main as launch
 
     launch()

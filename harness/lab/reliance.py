@@ -6,7 +6,7 @@ another value ("a red circle on the left" -> "a red circle in the centre"). Reli
 increase, ``loss(swapped) / loss(true) - 1``. A model that reads the word loses when it is wrong; one that
 ignores it scores 0, however good its pictures look otherwise.
 
-Why it exists: the judge (``harness.judge``) scores samples, and early in training, or for a model that
+Why it exists: the judge (``harness.lab.judge``) scores samples, and early in training, or for a model that
 draws blobs, it cannot say whether the model ignores a word or only draws it badly. The embedded model v3
 reads background (507%), colour (50%), size (29%) and count (27%), but hardly shape (2.9%) and not position
 (0.0%): a wrong position word costs nothing (``scripts/caption_reliance.py``, 64 images per attribute). The
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from harness import scenes
-from harness.shapes import COLOUR_NAMES, POSITIONS, SHAPES
+from harness.lab import scenes
+from harness.lab.shapes import COLOUR_NAMES, POSITIONS, SHAPES
 
 ATTRIBUTES = ("count", "shape", "colour", "size", "position", "background")
 _VALUES: dict[str, Sequence[Any]] = {"count": scenes.COUNTS, "shape": SHAPES, "colour": COLOUR_NAMES,

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from harness import report
 from harness.errors import HarnessError
-from harness.records import RECORDS_FILE, write_text_atomic
-from harness.schema import Record, successful
+from harness.records.schema import Record, successful
+from harness.records.store import RECORDS_FILE, write_text_atomic
+from harness.reporting import report
 
 HTML_FILE = "index.html"
 
@@ -182,7 +182,7 @@ def _summary_table(records: Sequence[Record]) -> str:
 
 def run_sections(records: Sequence[Record], images: ImageSource, level: int) -> list[str]:
     """The timing and stage tables, plots, comparison grids and per-step grids of one run."""
-    from harness.plots import LATENCY_PLOT, QUALITY_PLOT  # matplotlib loads only when a page is made
+    from harness.reporting.plots import LATENCY_PLOT, QUALITY_PLOT  # matplotlib loads only when a page is made
 
     heading = f"h{level}"
     if not records:

@@ -1,6 +1,6 @@
 """What every harness command shares: multi-value options and the one conversion of core errors to click's.
 
-Kept apart from ``harness.cli`` so that command modules (``harness.train_cli``, plugins' commands) use it
+Kept apart from ``harness.cli.app`` so that command modules (``harness.cli.train``, plugins' commands) use it
 without importing the top-level group.
 """
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 import harness
 from harness.errors import HarnessError, RecordError, one_line
-from harness.schema import SCHEMA, Record  # noqa: F401 - SCHEMA is part of this module's interface
+from harness.records.schema import SCHEMA, Record  # noqa: F401 - SCHEMA is part of this module's interface
 
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "summary.md"

@@ -1,6 +1,6 @@
 """The ``harness`` command's entry point: Ctrl-C or SIGTERM at any moment ends it with one line, exit code 130.
 
-``harness.cli`` imports torch and diffusers, which takes seconds, and an interrupt during those imports would
+``harness.cli.app`` imports torch and diffusers, which takes seconds, and an interrupt during those imports would
 print a traceback from deep inside them. So this module imports nothing heavy: until the command line is
 ready a signal ends the process at once (nothing has been written yet); from then on it raises
 KeyboardInterrupt, which ``harness bench`` turns into keeping its finished measurements.
@@ -49,7 +49,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    from harness.cli import cli
+    from harness.cli.app import cli
 
     _on_signals(_raise_interrupt)
     _running.set()

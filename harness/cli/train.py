@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import click
 import pluggy
 
-from harness.cli_support import MultiValueCommand
+from harness.cli.support import MultiValueCommand
 from harness.errors import HarnessError
+from harness.hooks.registry import Registered, get_registry
 from harness.options import click_options, multi_value_flags
-from harness.plugins import Registered, get_registry
 from harness.training.config import TrainConfig
 from harness.training.trainer import StepReport, Trainer
 

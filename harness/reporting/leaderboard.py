@@ -26,11 +26,11 @@ import click
 from tabulate import tabulate
 
 from harness.errors import HarnessError
-from harness.records import RECORDS_FILE, read_records, write_folder_atomic, write_text_atomic
-from harness.schema import Measured, Record, successful
+from harness.records.schema import Measured, Record, successful
+from harness.records.store import RECORDS_FILE, read_records, write_folder_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    from harness.plots import QualitySeries
+    from harness.reporting.plots import QualitySeries
 
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_JSON = "leaderboard.json"
@@ -167,7 +167,7 @@ class Leaderboard:
 
     def series(self) -> list[QualitySeries]:
         """One plot line per entry, its finite points by steps, in the order the table lists the entries."""
-        from harness.plots import QualitySeries  # matplotlib loads only when a leaderboard is made
+        from harness.reporting.plots import QualitySeries  # matplotlib loads only when a leaderboard is made
         by_label: dict[str, QualitySeries] = {}
         for row in self.rows:
             line = by_label.setdefault(row.label, QualitySeries(row.label, row.baseline, []))
@@ -495,7 +495,7 @@ def _rank(rows: Sequence[Row], higher_is_better: bool) -> None:
 
 def _mark_pareto(rows: Sequence[Row], higher_is_better: bool) -> None:
     """Flag the rows no other row beats on both seconds per image and the metric (plots.pareto_front)."""
-    from harness.plots import QualityPoint, pareto_front
+    from harness.reporting.plots import QualityPoint, pareto_front
     by_point = [(QualityPoint(row.label, row.seconds_per_image, row.quality), row) for row in rows
                 if row.quality is not None]
     on_front = {id(point) for point in pareto_front([point for point, _ in by_point], higher_is_better)}
@@ -542,7 +542,7 @@ def default_outdir() -> Path:
 def write_leaderboard(outdir: Path, board: Leaderboard, plot_title: str) -> list[Path]:
     """Write the three files into ``outdir``: all three are made in a hidden staging folder first and then
     renamed into place, so a failure leaves no file half-written (and none of a new set beside an old one)."""
-    from harness.plots import write_quality_series_plot
+    from harness.reporting.plots import write_quality_series_plot
 
     def write(folder: Path) -> None:
         plot = write_quality_series_plot(folder / LEADERBOARD_PLOT, board.series(), board.metric,

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from harness import models
 from harness.errors import HarnessError
-from harness.speed import SpeedOptions
+from harness.models import loading as models
+from harness.models.speed import SpeedOptions
 
 
 def check_device(requested: str | None) -> None:
     """Refuse a ``--device`` no pipeline can run on, naming the ones this machine has, before anything loads.
 
     torch accepts names such as ``meta``, ``xpu`` or ``cuda:7`` on a one-GPU machine, which would fail only deep
-    inside loading. CUDA or MPS missing altogether is left to :func:`harness.models.resolve_device`, whose
+    inside loading. CUDA or MPS missing altogether is left to :func:`harness.models.loading.resolve_device`, whose
     message says how to get them.
     """
     if requested is None:

@@ -28,7 +28,7 @@ and background. ``held_out_prompts()`` gives the 64 evaluation prompts: each hel
 sizes on two backgrounds an odd number of steps around ``COLOUR_NAMES`` (1 and 5 for j < 8, 3 and 7
 after), so every background occurs eight times.
 
-``harness.judge`` reads these attributes back from pixels.
+``harness.lab.judge`` reads these attributes back from pixels.
 """
 
 from __future__ import annotations
@@ -209,14 +209,14 @@ GRAMMARS = ("open", "closed")
 def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64, grammar: str = "open") -> Path:
     """Write ``n`` examples as ``images/000000.png`` + ``captions/000000.txt`` into ``out_dir``.
 
-    ``grammar``: "open" (``harness.scenes``: captions that leave attributes, count and layout open) or
+    ``grammar``: "open" (``harness.lab.scenes``: captions that leave attributes, count and layout open) or
     "closed" (this module's: every caption fixes the whole picture; the data of the first embedded model).
     The same (n, seed, resolution, grammar) gives the same bytes. ``out_dir`` must not exist or be empty; the set is
     written to a hidden folder beside it and renamed, so an interrupted run leaves no half data set.
     """
     # The staging folder and rename live with the training checkpoints; imported here because the training
     # package pulls in torch, which generating or judging shapes does not need.
-    from harness.records import write_folder_atomic
+    from harness.records.store import write_folder_atomic
 
     out = Path(out_dir).expanduser()
     if n <= 0:
@@ -264,7 +264,7 @@ def _closed_examples(rng: random.Random, n: int) -> list[_Example]:
 
 
 def _open_examples(rng: random.Random, n: int) -> list[_Example]:
-    from harness import scenes
+    from harness.lab import scenes
 
     examples: list[_Example] = []
     for _ in range(n):

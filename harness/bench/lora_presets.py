@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import harness.options
-from harness import models
+from harness.bench.sampler import FewStepLoraSampler, GenerationRequest, SamplerInfo
 from harness.errors import HarnessError
+from harness.models import loading as models
 from harness.options import Options, setting
-from harness.sampler import FewStepLoraSampler, GenerationRequest, SamplerInfo
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline

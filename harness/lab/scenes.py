@@ -2,7 +2,7 @@
 
 Why
 ---
-In the closed grammar of ``harness.shapes`` every caption fixes the whole picture, so a model's one-step
+In the closed grammar of ``harness.lab.shapes`` every caption fixes the whole picture, so a model's one-step
 prediction of the caption's mean image is already a sharp sample and few-step distillation has nothing
 to fix. Stable Diffusion's captions leave most of the picture open: the one-step mean is a blur of many
 possible images. This grammar reproduces that situation at 64x64.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from harness.shapes import (
+from harness.lab.shapes import (
     ANCHORS,
     COLOUR_NAMES,
     COLOURS,

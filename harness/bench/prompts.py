@@ -2,10 +2,10 @@
 
 Built-in sets:
 
-- ``held-out``: the embedded model's 64 evaluation prompts (``harness.scenes.held_out_prompts``), open
+- ``held-out``: the embedded model's 64 evaluation prompts (``harness.lab.scenes.held_out_prompts``), open
   captions with (shape, colour, count) combinations its training data never shows; ``--metric fidelity``
   and ``--metric coverage`` score them.
-- ``held-out-closed``: the 64 evaluation prompts of the closed grammar (``harness.shapes``), for models
+- ``held-out-closed``: the 64 evaluation prompts of the closed grammar (``harness.lab.shapes``), for models
   trained on ``harness data shapes --grammar closed``.
 - ``seed``: the prompts of the original Flash Diffusion demo's examples, a short general set for SD 1.5.
 
@@ -37,13 +37,13 @@ SEED_PROMPTS = (
 
 
 def _held_out() -> list[str]:
-    from harness.scenes import held_out_prompts
+    from harness.lab.scenes import held_out_prompts
 
     return held_out_prompts()
 
 
 def _held_out_closed() -> list[str]:
-    from harness.shapes import held_out_prompts
+    from harness.lab.shapes import held_out_prompts
 
     return held_out_prompts()
 

@@ -1,7 +1,7 @@
 """What a sampler plugin implements.
 
 A sampler turns (prompt, steps, guidance, seeds) into images and says what it is. It never times
-itself, never writes files and never prints tables: ``harness.runner`` and ``harness.timing`` do that,
+itself, never writes files and never prints tables: ``harness.bench.runner`` and ``harness.bench.timing`` do that,
 identically for every sampler.
 """
 
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 import harness.options
-from harness import models
 from harness.errors import HarnessError
+from harness.models import loading as models
+from harness.models.speed import SpeedOptions, apply_speed_options, describe_speed
 from harness.options import Options
-from harness.speed import SpeedOptions, apply_speed_options, describe_speed
 
 if TYPE_CHECKING:
     # The defining module, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harness import architectures, lora_io
 from harness.errors import HarnessError, one_line
+from harness.models import architectures, lora_io
 
 if TYPE_CHECKING:
     # The defining modules, not ``diffusers``: for type checkers, diffusers' top-level names are its dummy objects.
@@ -67,7 +67,7 @@ def default_model_name(device: torch.device) -> str:
 
 def resolve_model(name: str) -> ModelSpec:
     if name == "embedded":
-        from harness.embedded import embedded_lora, embedded_model
+        from harness.models.embedded import embedded_lora, embedded_model
 
         return ModelSpec(name, str(embedded_model()), "preset", str(embedded_lora()), EMBEDDED_PROMPT)
     if name == "sd15":
@@ -242,7 +242,7 @@ def _load_lora_weights(pipe: StableDiffusionPipeline, source: LoraSource, peft_f
     elif local_file is not None and lora_io.mixes_key_namings(lora_io.safetensors_header(local_file)):
         lora_io.load_mixed_naming_lora(pipe, local_file)
     elif source.kind == "generated":
-        from harness.embedded import random_lora_state
+        from harness.models.embedded import random_lora_state
 
         rank = GENERATED_LORA_RANK
         pipe.load_lora_weights(random_lora_state(pipe, rank=rank, alpha=rank))
