@@ -49,8 +49,8 @@ def built(tmp_path_factory):
             shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
                    check=True, capture_output=True)
-    (sdist,) = out.glob("harness-*.tar.gz")
-    (wheel,) = out.glob("harness-*.whl")
+    (sdist,) = out.glob("fewstep_harness-*.tar.gz")
+    (wheel,) = out.glob("fewstep_harness-*.whl")
     return sdist, wheel
 
 
