@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 import harness
-from harness.lab import shapes
+from harness.lab import dataset, shapes
 
 
 @click.group("data")
@@ -20,7 +20,7 @@ def data():
 @click.option("--resolution", type=int, default=64, show_default=True,
               help=f"Image side in pixels: a multiple of 8 from {shapes.MIN_RESOLUTION} to "
                    f"{shapes.MAX_RESOLUTION}.")
-@click.option("--grammar", type=click.Choice(shapes.GRAMMARS), default="open", show_default=True,
+@click.option("--grammar", type=click.Choice(dataset.GRAMMARS), default="open", show_default=True,
               help="open: captions leave shape, colour, size, place or background unsaid, one to three objects "
                    "(harness.lab.scenes); closed: every caption fixes the whole picture "
                    "(the first embedded model's data).")
@@ -32,7 +32,7 @@ def shapes_command(out, n, seed, resolution, grammar):
     and OUT/captions/000000.txt, ..., the layout `harness train --data_dir` reads. No held-out evaluation
     combination (`--prompts held-out`, or held-out-closed for the closed grammar) ever occurs.
     """
-    folder = shapes.write_dataset(out, n, seed, resolution, grammar)
+    folder = dataset.write_dataset(out, n, seed, resolution, grammar)
     click.echo(f"wrote {n} images and captions ({resolution}x{resolution}, seed {seed}, {grammar} grammar) "
                f"to {folder}")
 

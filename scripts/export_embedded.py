@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from harness.models import embedded
-from harness.records.store import write_folder_atomic
+from harness.records.files import write_folder_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

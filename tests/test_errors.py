@@ -196,9 +196,9 @@ def test_one_line_joins_a_heading_to_the_line_it_announces():
 def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_path, monkeypatch, embedded_model):
     import errno
 
-    from harness.records import store as records
+    from harness.records import files
 
-    real_save = records.save_image_atomic
+    real_save = files.save_image_atomic
     saved = []
 
     def save_until_full(image, path):
@@ -207,7 +207,7 @@ def test_disk_full_mid_run_stops_with_one_line_and_keeps_finished_records(tmp_pa
         saved.append(path)
         real_save(image, path)
 
-    monkeypatch.setattr(records, "save_image_atomic", save_until_full)
+    monkeypatch.setattr(files, "save_image_atomic", save_until_full)
     outdir = tmp_path / "run"
     result = invoke("bench", "--steps", "2", "4", "8", "--outdir", outdir, *FAST)
     assert result.exit_code == 2

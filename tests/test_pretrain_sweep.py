@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab.shapes import write_dataset
+from harness.lab.dataset import write_dataset
 from harness.models import embedded
 from tests.conftest import load_script
 

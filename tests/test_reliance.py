@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from harness.lab import scenes
+from harness.lab.dataset import write_dataset
 from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples, swap
-from harness.lab.shapes import write_dataset
 from harness.models.embedded import embedded_model
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"

@@ -10,6 +10,7 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.lab import scenes, shapes
+from harness.lab.dataset import write_dataset
 from harness.lab.judge import judge
 from harness.lab.scenes import (
     COUNTS,
@@ -27,7 +28,7 @@ from harness.lab.scenes import (
     render_scene,
     sample_caption,
 )
-from harness.lab.shapes import ANCHORS, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES, write_dataset
+from harness.lab.shapes import ANCHORS, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES
 from tests.conftest import invoke
 
 

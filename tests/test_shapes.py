@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from harness.errors import HarnessError
+from harness.lab.dataset import write_dataset
 from harness.lab.judge import SUMMARY_KEYS, judge_all
 from harness.lab.shapes import (
     ATTRIBUTE_NAMES,
@@ -29,7 +30,6 @@ from harness.lab.shapes import (
     parse_caption,
     render,
     sample_attributes,
-    write_dataset,
 )
 from tests.conftest import invoke
 

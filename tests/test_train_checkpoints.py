@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.records.store import write_folder_atomic
+from harness.records.files import write_folder_atomic
 from harness.training import checkpoints
 from harness.training.checkpoints import TrainingState
 

@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from harness.lab.dataset import write_dataset
 from harness.lab.scenes import held_out_prompts
-from harness.lab.shapes import write_dataset
 from harness.reporting.report import GAP, LABEL_HEIGHT, MIN_TILE
 from tests.conftest import invoke, record_json
 from tests.test_train_data import write_shapes

@@ -10,7 +10,7 @@ import torch
 from harness_plugins.flash import FlashConfig, FlashTrainer
 from safetensors.torch import load_file
 
-from harness.lab.shapes import write_dataset
+from harness.lab.dataset import write_dataset
 from harness.training.diffusion import NoiseSchedule
 from harness.training.lora import LoraTrainer
 from tests.conftest import invoke

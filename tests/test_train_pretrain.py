@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from harness.lab.shapes import write_dataset
+from harness.lab.dataset import write_dataset
 from tests.conftest import invoke
 
 # Tiny widths and a handful of steps: the stages, files and resume logic, not the quality.

@@ -12,7 +12,7 @@ from harness_plugins.distill import DistillTrainer
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.lab.shapes import write_dataset
+from harness.lab.dataset import write_dataset
 from harness.training import trackers
 from tests.conftest import invoke
 from tests.test_train_data import write_shapes

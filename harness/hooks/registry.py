@@ -18,8 +18,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import pluggy
-
 from harness.errors import HarnessError, one_line
 from harness.hooks import specs as hookspecs
 
@@ -132,8 +130,7 @@ class Registry:
     """
 
     def __init__(self, plugin_dirs: Iterable[str | os.PathLike[str]] = ()):
-        self.pm = pluggy.PluginManager("harness")
-        self.pm.add_hookspecs(hookspecs)
+        self.pm = hookspecs.plugin_manager()
         if os.environ.get(TRACE_ENV):
             self.pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
             self.pm.enable_tracing()

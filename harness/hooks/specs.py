@@ -7,6 +7,7 @@ third-party ones. No hook is ever called inside a timed region.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -83,3 +84,10 @@ def harness_machine_info(info: dict[str, Any]) -> None:
         in place; prefer a namespaced key (``"myplugin_driver"``) so plugins do not collide.
     :return: nothing; the return value is ignored.
     """
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager that knows harness's hooks and holds no plugin yet."""
+    manager = pluggy.PluginManager("harness")
+    manager.add_hookspecs(sys.modules[__name__])
+    return manager

@@ -181,8 +181,8 @@ def _shipped(folder: Path, required: Iterable[str]) -> Path:
         path = folder / name
         if not path.is_file() or (path.suffix == ".safetensors" and path.stat().st_size < _MIN_WEIGHTS_BYTES):
             raise HarnessError(f"the embedded model's weights are missing ('{path}'); reinstall harness "
-                               "from a complete checkout or wheel (pip install -e . or pip install fewstep_harness-*.whl "
-                               "built by python -m build), or pass --model with another model.")
+                               "from a complete checkout or wheel (pip install -e . or pip install "
+                               "fewstep_harness-*.whl built by python -m build), or pass --model with another model.")
     return folder
 
 

@@ -33,8 +33,9 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from harness.errors import HarnessError
+from harness.records.files import write_text_atomic
 from harness.records.schema import Record, successful
-from harness.records.store import RECORDS_FILE, write_text_atomic
+from harness.records.store import RECORDS_FILE
 from harness.reporting import report
 
 HTML_FILE = "index.html"

@@ -26,8 +26,9 @@ import click
 from tabulate import tabulate
 
 from harness.errors import HarnessError
+from harness.records.files import write_folder_atomic, write_text_atomic
 from harness.records.schema import Measured, Record, successful
-from harness.records.store import RECORDS_FILE, read_records, write_folder_atomic, write_text_atomic
+from harness.records.store import RECORDS_FILE, read_records
 
 if TYPE_CHECKING:
     from harness.reporting.plots import QualitySeries

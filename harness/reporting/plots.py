@@ -15,8 +15,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.records.files import atomic_path
 from harness.records.schema import Record, successful
-from harness.records.store import atomic_path
 
 LATENCY_PLOT = "latency.png"
 # A 30-step CFG baseline costs some 30x a 2-step sampler; past this max/min ratio a linear axis

@@ -12,8 +12,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tabulate import tabulate
 
 from harness.errors import HarnessError, one_line
+from harness.records.files import save_image_atomic, write_text_atomic
 from harness.records.schema import Measured, Memory, Record, successful, successful_baselines
-from harness.records.store import RECORDS_FILE, SUMMARY_FILE, read_records, save_image_atomic, write_text_atomic
+from harness.records.store import RECORDS_FILE, SUMMARY_FILE, read_records
 
 # Tiles smaller than this are scaled up (nearest neighbour) so grids of tiny images stay readable.
 MIN_TILE = 128

@@ -51,7 +51,8 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError, one_line
-from harness.records import store as records
+from harness.records import files
+from harness.records.environment import environment
 from harness.records.rundir import FolderLock, Replacement, first_missing
 from harness.reporting import report
 from harness.training import checkpoints
@@ -299,7 +300,7 @@ class Trainer(abc.ABC):
                 replacement.commit()  # the model loaded and the first step is next: the earlier run goes now
                 self._train_steps(run, dataset)
                 if self.is_main:
-                    records.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+                    files.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
             finally:
                 self._finish_trackers()
         self.accelerator.wait_for_everyone()
@@ -654,7 +655,7 @@ class Trainer(abc.ABC):
                     path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
                 state.save(folder)
 
-            records.write_folder_atomic(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
+            files.write_folder_atomic(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
             if self.config.checkpoints_total_limit is not None:
                 checkpoints.prune(self.checkpoint_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
@@ -714,14 +715,14 @@ class Trainer(abc.ABC):
                 "resumed_from": str(resume_folder) if resume_folder else None,
                 **self.resolved_settings(),
             },
-            "environment": records.environment(self.device, self.weight_dtype, self._plugin_manager()),
+            "environment": environment(self.device, self.weight_dtype, self.plugin_manager),
         }
 
     def _write_config(self, document: dict[str, Any] | None, resume_folder: Path | None, progress: Progress) -> None:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records.write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(document, indent=2, default=str) + "\n")
+        files.write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(document, indent=2, default=str) + "\n")
         log = self.run_dir / LOG_FILE
         if resume_folder is not None and log.is_file():
             kept = []
@@ -730,14 +731,7 @@ class Trainer(abc.ABC):
                 # Steps logged after the checkpoint are about to be trained again; a line torn by a kill goes too.
                 if step is not None and step <= progress.step:
                     kept.append(line.decode("utf-8"))
-            records.write_text_atomic(log, "".join(line + "\n" for line in kept))
-
-    def _plugin_manager(self):
-        if self.plugin_manager is None:
-            from harness.hooks.registry import get_registry
-
-            self.plugin_manager = get_registry().pm
-        return self.plugin_manager
+            files.write_text_atomic(log, "".join(line + "\n" for line in kept))
 
     def _validate(self, step: int) -> None:
         if self.is_main:
@@ -746,7 +740,7 @@ class Trainer(abc.ABC):
                 folder = self.run_dir / VALIDATION_FOLDER
                 folder.mkdir(parents=True, exist_ok=True)
                 grid, path = report.comparison_grid(rows), folder / f"step-{step:06d}.png"
-                records.save_image_atomic(grid, path)
+                files.save_image_atomic(grid, path)
                 self._log_grid(grid, path, step)
         self.accelerator.wait_for_everyone()
 
