@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,13 +31,17 @@ from harness.bench import distributed, resources, timing
 from harness.bench.metric import Metric, MetricConfig, MetricInput
 from harness.bench.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
-from harness.hooks.registry import Registry
 from harness.models import loading as models
 from harness.models.speed import SpeedOptions
 from harness.options import Options, setting
+from harness.records import files
 from harness.records import store as records
+from harness.records.environment import environment
 from harness.records.schema import Comparison, Measured, Memory, RankFigures, Record, Stages, Stats, Timing, UnetCounts
 from harness.reporting import report
+
+if TYPE_CHECKING:
+    from harness.hooks.registry import Registry
 
 # Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -500,7 +504,7 @@ class RunWriter:
 
     def save_images(self, images: Sequence[Any], names: Sequence[str]) -> None:
         for image, name in zip(images, names):
-            records.save_image_atomic(image, self.outdir / name)
+            files.save_image_atomic(image, self.outdir / name)
 
     def add(self, record: Record) -> None:
         """Append the record to ``records.jsonl`` (and its grids first, when it has images)."""
@@ -561,7 +565,7 @@ class BenchRun:
             for name in spec.metrics
         }
         # Here, not when the run starts: a plugin whose machine-info hook fails stops the run before its folder exists.
-        self.environment = records.environment(self.device, self.dtype, registry.pm) if world.is_main else {}
+        self.environment = environment(self.device, self.dtype, registry.pm) if world.is_main else {}
         self.reference: Reference | None = None
         self.errors: list[str] = []
         self.outdir = Path(spec.outdir)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -19,9 +16,9 @@ import click
 from tabulate import tabulate
 
 from harness import __version__
-from harness.bench import distributed
-from harness.bench.prompts import load_prompts
-from harness.bench.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec, plan
+from harness.bench import distributed, launch
+from harness.bench.launch import CORE_OPTIONS
+from harness.bench.runner import BenchOptions, BenchRun, BenchSpec, plan
 from harness.bench.timing import TimingSettings
 from harness.cli.support import MultiValueCommand, click_errors
 from harness.cli.train import train
@@ -30,7 +27,6 @@ from harness.hooks.registry import PLUGIN_DIRS_ENV, Registry, get_registry
 from harness.models.speed import SpeedOptions
 from harness.options import build, click_options, multi_value_flags
 from harness.records import store as records
-from harness.records.rundir import FolderLock, Replacement, first_missing
 from harness.reporting import html as html_report
 from harness.reporting import report
 from harness.reporting.compare import compare_command
@@ -103,18 +99,6 @@ records and the timing table.
 
 Example: harness eval --lora_path ./checkpoints/my_lora_student/lora/final --steps 2 4 8 --seed 42"""
 
-# The settings classes whose fields make the bench command's own options.
-CORE_OPTIONS = (BenchOptions, TimingSettings, SpeedOptions)
-
-
-@dataclass(frozen=True)
-class PluginOption:
-    """A plugin's option on the bench command: which plugins declare it (the same name may be shared)."""
-
-    kind: str  # "sampler" or "metric"
-    owners: tuple[str, ...]
-
-
 def make_bench_command(registry: Registry, name: str = "bench", default_samplers: tuple[str, ...] = ("flash-lcm",),
                        always_compare: bool = False, help_text: str = BENCH_HELP) -> click.Command:
     params = [param for options_class in CORE_OPTIONS for param in click_options(options_class)]
@@ -124,21 +108,9 @@ def make_bench_command(registry: Registry, name: str = "bench", default_samplers
             param.default = default_samplers
         if param.name in installed:
             param.help = f"{param.help} Installed: {', '.join(sorted(installed[param.name])) or 'none'}."
-    core_names = {param.name for param in params}
     # A plugin's own options join the command; their values reach the plugin typed, through its Options.
-    plugin_options: dict[str, PluginOption] = {}
-    for kind, table in (("sampler", registry.samplers), ("metric", registry.metrics)):
-        for entry in table.values():
-            for option in click_options(entry.cls.Options):
-                if option.name in core_names:
-                    raise HarnessError(f"{kind} '{entry.name}' ({entry.source}) declares option --{option.name}, "
-                                       "which harness already has; rename it in the plugin.")
-                if option.name in plugin_options:
-                    known = plugin_options[option.name]
-                    plugin_options[option.name] = PluginOption(known.kind, (*known.owners, entry.name))
-                else:
-                    plugin_options[option.name] = PluginOption(kind, (entry.name,))
-                    params.append(option)
+    plugin_options, plugin_params = launch.plugin_options(registry, {param.name for param in params if param.name})
+    params += plugin_params
 
     def callback(**values: Any) -> None:
         context = click.get_current_context()
@@ -148,8 +120,8 @@ def make_bench_command(registry: Registry, name: str = "bench", default_samplers
         options = build(BenchOptions, values)
         if always_compare:
             options = dataclasses.replace(options, compare_baseline=True)
-        spec = build_spec(registry, options, build(TimingSettings, values), build(SpeedOptions, values),
-                          plugin_values, {name: plugin_options[name] for name in given})
+        spec = launch.build_spec(registry, options, build(TimingSettings, values), build(SpeedOptions, values),
+                                 plugin_values, {name: plugin_options[name] for name in given})
         run_bench(registry, spec, options)
 
     return MultiValueCommand(name, params=params, callback=callback, help=help_text,
@@ -162,71 +134,18 @@ GENERATED_COMMANDS = {
 }
 
 
-def build_spec(registry: Registry, options: BenchOptions, timing_settings: TimingSettings, speed: SpeedOptions,
-               plugin_values: dict[str, Any], given: dict[str, PluginOption]) -> BenchSpec:
-    """Check every option against the others before anything loads, and resolve them into a BenchSpec."""
-    from harness.models import loading as models
-
-    samplers = list(dict.fromkeys(options.samplers))
-    for name in samplers:
-        registry.sampler(name)
-    for name in options.metrics:
-        registry.metric(name)
-    if options.compare_baseline and not any(registry.sampler(n).cls.is_baseline for n in samplers):
-        samplers.append("vanilla-sd")
-        registry.sampler("vanilla-sd")
-    selected = {"sampler": set(samplers), "metric": set(options.metrics)}
-    for name, option in given.items():
-        if not selected[option.kind] & set(option.owners):
-            owners = ", ".join(f"'{owner}'" for owner in option.owners)
-            flag = "--sampler" if option.kind == "sampler" else "--metric"
-            raise HarnessError(f"--{name.replace('_', '-')} is an option of {option.kind} {owners}, which this run "
-                               f"does not use; add {flag} {option.owners[0]}, or leave the option out.")
-    for side, value in (("height", options.height), ("width", options.width)):
-        if value is not None and value % 8:
-            raise HarnessError(f"--{side} {value} is not a multiple of 8; pick e.g. {value // 8 * 8 or 8}.")
-    if options.batch is not None and options.num_images % options.batch:
-        raise HarnessError(f"--num_images {options.num_images} is not a multiple of --batch {options.batch}; "
-                           "make it one, so every call has the same size.")
-    if options.prompt is not None and options.prompts_file is not None:
-        raise HarnessError("pass either --prompt or --prompts, not both.")
-    prompts: list[str] = []
-    if options.prompts_file is not None:
-        prompts = load_prompts(options.prompts_file)
-    elif options.prompt is not None:
-        if not options.prompt.strip():
-            raise HarnessError("--prompt is empty; give the text to draw.")
-        prompts = [options.prompt]
-    if options.seed is not None and options.seed + max(len(prompts), 1) * options.num_images - 1 > MAX_SEED:
-        raise HarnessError(f"--seed {options.seed} is too large: image i of prompt p draws from seed + p * "
-                           f"num_images + i, which must stay at most 2**64-1; pick a smaller --seed.")
-
-    model_name = options.model or models.default_model_name(models.resolve_device(options.device))
-    outdir = options.outdir
-    if outdir is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        outdir = str(Path("results") / f"{stamp}-{'-'.join(samplers)}")
-    baseline_outdir = Path(options.baseline_outdir) if options.baseline_outdir else None
-    if baseline_outdir is not None:
-        _check_baseline_path(baseline_outdir, Path(outdir))
-    sampler_options = {name: build(registry.sampler(name).cls.Options, plugin_values) for name in samplers}
-    metric_options = {name: build(registry.metric(name).cls.Options, plugin_values) for name in options.metrics}
-    return BenchSpec(
-        samplers=tuple(samplers), steps=tuple(dict.fromkeys(options.steps)), prompts=tuple(prompts), model=model_name,
-        outdir=Path(outdir), num_images=options.num_images, seed=options.seed,
-        baseline_steps=options.baseline_steps, baseline_guidance=options.baseline_guidance,
-        baseline_outdir=baseline_outdir,
-        lora_path=options.lora_path, lora_id=options.lora_id, device=options.device, dtype=options.dtype,
-        height=options.height, width=options.width, timing=timing_settings, speed=speed, batch=options.batch,
-        sampler_options=sampler_options, metrics=tuple(dict.fromkeys(options.metrics)), metric_options=metric_options,
-    )
-
-
 def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> None:
     """One process, or one of several started by torchrun / accelerate launch (see harness.bench.distributed)."""
     world = distributed.world_from_env()
     try:
-        launch_bench(registry, spec, options, world)
+        if options.dry_run:  # the plan only: no model is resolved or loaded
+            if world.is_main:
+                tasks = plan(spec, registry, default_prompt="", seed=spec.seed or 0).tasks
+                click.echo(json.dumps({"spec": spec.config_dict(spec.seed, spec.prompts),
+                                       "tasks": [dataclasses.asdict(task) for task in tasks]}, indent=2, default=str))
+            return
+        with launch.prepared_run(registry, spec, options, world, notify=lambda line: click.echo(line, err=True)) as run:
+            run_and_report(run, options, world)
     except HarnessError as error:
         if world.is_main:
             raise
@@ -234,61 +153,6 @@ def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> Non
             sys.exit(error.exit_code)  # rank 0 says why: the same bad input, or a failure all ranks were told about
         error.message = world.label(world.rank) + error.message  # this rank lost rank 0, which cannot say so
         raise
-
-
-def launch_bench(registry: Registry, spec: BenchSpec, options: BenchOptions, world: distributed.World) -> None:
-    """The plan for --dry-run; otherwise the run folder (locked, an earlier run moved aside) and the run."""
-    if options.dry_run:  # the plan only: no model is resolved or loaded
-        if world.is_main:
-            tasks = plan(spec, registry, default_prompt="", seed=spec.seed or 0).tasks
-            click.echo(json.dumps({"spec": spec.config_dict(spec.seed, spec.prompts),
-                                   "tasks": [dataclasses.asdict(task) for task in tasks]}, indent=2, default=str))
-        return
-
-    lock = FolderLock(spec.outdir, "--outdir")
-    locks = [lock]
-    # Runs may share a --baseline_outdir: it gets its own lock, unless it is the run folder itself.
-    if spec.baseline_outdir is not None and spec.baseline_outdir.resolve() != spec.outdir.resolve():
-        locks.append(FolderLock(spec.baseline_outdir, "--baseline_outdir", "baseline folder"))
-    replacement = Replacement(spec.outdir, _bench_entries(registry, spec.outdir))
-
-    def start() -> BenchRun:
-        # Resolves device and model first: a bad one leaves no empty folder behind.
-        run = BenchRun(spec, registry, world=world)
-        if world.is_main:
-            created = [first_missing(held.folder) for held in locks]
-            try:
-                lock.acquire()  # held until this process ends the run: one run per folder
-                _prepare_outdir(spec.outdir, options.overwrite, replacement)
-                # After the move-aside: a baseline folder inside --outdir may have moved with the earlier run.
-                for held in locks[1:]:
-                    held.acquire()
-                if spec.baseline_outdir is not None:
-                    _check_baseline_folder(run, spec.baseline_outdir, options.overwrite)
-                if options.html:
-                    html_report.check_run_page(spec.outdir)  # before the run, not after it
-            except BaseException:
-                if replacement.pending:
-                    replacement.restore()
-                for held in locks:
-                    held.release()
-                for folder in created:
-                    if folder is not None:
-                        shutil.rmtree(folder, ignore_errors=True)
-                raise
-            run.on_loaded = replacement.commit  # the earlier run goes once the new one has a model
-        return run
-
-    with distributed.process_group(world):
-        run = distributed.together(start, world)
-        try:
-            run_and_report(run, options, world)
-        finally:
-            if replacement.pending:  # not one sampler loaded: the earlier run stays
-                replacement.restore()
-                click.echo(f"The earlier run in '{spec.outdir}' was kept: no sampler of the new run loaded.", err=True)
-            for held in locks:
-                held.release()
 
 
 def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.World) -> None:
@@ -348,74 +212,6 @@ def _warn(warnings: list[str]) -> None:
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
-
-
-def _is_run_file(name: str) -> bool:
-    """Whether a bench run writes a file of this name into --outdir."""
-    from harness.reporting.plots import LATENCY_PLOT, QUALITY_PLOT
-
-    fixed = (records.RECORDS_FILE, records.SUMMARY_FILE, LATENCY_PLOT, QUALITY_PLOT, html_report.HTML_FILE)
-    return name in fixed or RUN_IMAGE.fullmatch(name) is not None
-
-
-def _bench_entries(registry: Registry, outdir: Path) -> Callable[[str], bool]:
-    """Whether an entry of --outdir is a bench run's (what --overwrite replaces): its files and its baseline and
-    sampler subfolders; never a user's other files (--outdir may be a project folder, with a page of its own)."""
-    folders = {"baseline", *registry.samplers}
-
-    def owned(name: str) -> bool:
-        if name == html_report.HTML_FILE:
-            return html_report.replaceable(outdir / name)
-        return name in folders or _is_run_file(name)
-
-    return owned
-
-
-def _resolved(folder: Path, option: str) -> Path:
-    try:
-        return folder.resolve()
-    except (RuntimeError, OSError):  # Python's own symbolic-link loop, or a name the system refuses
-        raise HarnessError(f"cannot write to '{folder}': it leads into a loop of symbolic links (or is no valid "
-                           f"path); pass another {option}.") from None
-
-
-def _check_baseline_path(folder: Path, outdir: Path) -> None:
-    """A --baseline_outdir inside --outdir must not be (or lie in) a file the run writes there."""
-    try:
-        inside = _resolved(folder, "--baseline_outdir").relative_to(_resolved(outdir, "--outdir")).parts
-    except ValueError:
-        return
-    if inside and _is_run_file(inside[0]):
-        raise HarnessError(f"cannot write to baseline folder '{folder}': the run writes its file '{inside[0]}' "
-                           "there; pass another --baseline_outdir.")
-
-
-def _check_baseline_folder(run: BenchRun, folder: Path, overwrite: bool) -> None:
-    """Refuse to replace baseline images another run's records may describe, unless --overwrite."""
-    existing = next((path for path in run.baseline_files() if path.exists() or path.is_symlink()), None)
-    if existing is not None and not overwrite:
-        raise HarnessError(f"'{folder}' already holds baseline images ({existing.name}); pass a new "
-                           "--baseline_outdir or add --overwrite to replace them.")
-
-
-def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> None:
-    """Refuse a folder that holds a run (or move that run aside with --overwrite) and check it is writable."""
-    notice = replacement.recover()
-    if notice is not None:
-        click.echo(notice, err=True)
-    existing = outdir / records.RECORDS_FILE
-    if existing.exists() or existing.is_symlink():
-        if not overwrite:
-            raise HarnessError(f"'{outdir}' already holds a run ({records.RECORDS_FILE}); "
-                               "pass a new --outdir or add --overwrite to replace it.")
-        replacement.move_aside()
-    try:
-        probe = outdir / ".harness-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise HarnessError(f"cannot write to output folder '{outdir}': {error.strerror}; "
-                           "pass a writable --outdir.") from None
 
 
 @cli.command(name="report")
@@ -479,10 +275,3 @@ def plugins_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 cli.add_command(compare_command)
 cli.add_command(leaderboard_command)
 cli.add_command(train)
-
-
-def main() -> None:
-    """The entry point of installs made before ``harness.cli.main`` existed (their ``harness`` script calls it)."""
-    from harness.cli.main import main as launch
-
-    launch()
