@@ -16,7 +16,7 @@ def device():
 @pytest.fixture(scope="session")
 def load_sampler(device):
     """Loaded samplers by name, each built once per session through the harness's own classes."""
-    from harness.bench.sampler import SamplerConfig
+    from harness.benchmark.sampler import SamplerConfig
     from harness.hooks.registry import get_registry
     from harness.models import loading as models
 

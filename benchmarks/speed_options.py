@@ -4,7 +4,7 @@
     python benchmarks/speed_options.py --model sd15-arch --size 256 --steps 4 --skip compile
 
 Each variant is a flash-lcm sampler loaded with one option changed; every round measures every variant
-once (harness.bench.timing.measure, so the same protocol as `harness bench`), and the table reports the median
+once (harness.benchmark.timing.measure, so the same protocol as `harness bench`), and the table reports the median
 over rounds and the ratio to the default variant. Ratios within one run are what to trust on a shared
 machine; absolute numbers move with the load.
 """
@@ -18,8 +18,8 @@ from functools import partial
 import torch
 from tabulate import tabulate
 
-from harness.bench import timing
-from harness.bench.sampler import GenerationRequest, SamplerConfig
+from harness.benchmark import timing
+from harness.benchmark.sampler import GenerationRequest, SamplerConfig
 from harness.cli.app import quiet_libraries
 from harness.hooks.registry import get_registry
 from harness.models import loading as models

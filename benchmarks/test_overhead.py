@@ -1,4 +1,4 @@
-"""Harness overhead: the same pipeline call timed by a bare loop and by harness.bench.timing, interleaved.
+"""Harness overhead: the same pipeline call timed by a bare loop and by harness.benchmark.timing, interleaved.
 
 Target: the harness's median within 1% of the bare median. Run with ``-s`` to see the ratio; it is also
 stored in the benchmark JSON (``extra_info``).
@@ -10,8 +10,8 @@ from functools import partial
 
 import torch
 
-from harness.bench import timing
-from harness.bench.sampler import GenerationRequest
+from harness.benchmark import timing
+from harness.benchmark.sampler import GenerationRequest
 
 ROUNDS = 12  # blocks of (bare, harness), alternated so machine noise hits both alike
 CALLS_PER_BLOCK = 5

@@ -6,8 +6,8 @@ pytest-benchmark's statistics cover the same region as ``harness bench``'s.
 
 import pytest
 
-from harness.bench import timing
-from harness.bench.sampler import GenerationRequest
+from harness.benchmark import timing
+from harness.benchmark.sampler import GenerationRequest
 
 PROMPT = "a small red circle at the top on a blue background"
 

@@ -79,9 +79,9 @@ def test_flash_training_steps(benchmark, tmp_path, device):
     """Flash Diffusion with all three losses on from step 1 (one phase): the even steps add the generator's
     adversarial term, the odd ones update the discriminator, so steps 2-6 average both. ``extra_info`` also holds
     each figure of the run's memory peak (the process's peak RSS on the CPU, the CUDA allocator's peaks on a GPU),
-    measured by ``harness.bench.timing.MemoryTracker`` as ``harness bench`` measures samplers: the largest
+    measured by ``harness.benchmark.timing.MemoryTracker`` as ``harness bench`` measures samplers: the largest
     over rounds."""
-    from harness.bench.timing import MemoryTracker
+    from harness.benchmark.timing import MemoryTracker
 
     data = shapes_folder(tmp_path / "data")
     output = tmp_path / "out"

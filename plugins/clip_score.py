@@ -13,10 +13,7 @@ from pathlib import Path
 import torch
 
 import harness
-import harness.options
-from harness.bench.metric import Metric, MetricInput
-from harness.errors import HarnessError, one_line
-from harness.options import setting
+from harness import HarnessError, Metric, MetricInput, one_line, setting
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 SCALE = "torchmetrics: 100 * max(cosine, 0)"
@@ -29,7 +26,7 @@ class ClipScoreMetric(Metric):
                    "0-100 scale, the raw 0-1 cosine recorded next to it.")
 
     @dataclass(frozen=True)
-    class Options(harness.options.Options):
+    class Options(harness.Options):
         clip_model: str = setting(DEFAULT_CLIP, "CLIP model for clip-score: a hub id or a local folder saved with "
                                                 "save_pretrained (CLIPModel in safetensors and its CLIPProcessor).")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import harness
-from harness.bench.sampler import DiffusersSampler, Sampler, SamplerInfo
+from harness import DiffusersSampler, Sampler, SamplerInfo
 
 
 class DpmSolverSampler(DiffusersSampler):

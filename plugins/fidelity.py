@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import harness
-from harness.bench.metric import Metric, MetricInput
-from harness.errors import HarnessError
+from harness import HarnessError, Metric, MetricInput
 
 EXAMPLE = "'two blue squares on a white background'"
 

@@ -47,9 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness.errors import HarnessError
-from harness.training import LoraTrainConfig, LoraTrainer, setting
-from harness.training.diffusion import CLEAN
+from harness import CLEAN, HarnessError, LoraTrainConfig, LoraTrainer, setting
 
 TIMESTEP_SCALING = 10.0  # the paper's boundary scalings use t / 0.1
 PAPER_MODE_PROBS = (0.0, 0.0, 0.5, 0.5, 0.1, 0.3, 0.3, 0.3, 0.25, 0.25, 0.25, 0.25, 0.4, 0.2, 0.2, 0.2)

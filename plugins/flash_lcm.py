@@ -3,8 +3,7 @@
 from collections.abc import Callable
 
 import harness
-from harness.bench.lora_presets import PresetLoraSampler
-from harness.bench.sampler import Sampler
+from harness import PresetLoraSampler, Sampler
 
 
 class FlashLcmSampler(PresetLoraSampler):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness.bench.metric import Metric, MetricInput
+from harness import Metric, MetricInput
 
 SSIM_WINDOW = 11  # the Gaussian window of Wang et al. (2004), "Image Quality Assessment: ..."
 SSIM_SIGMA = 1.5

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 
 import harness
-from harness.errors import HarnessError
-from harness.training import LoraTrainConfig, LoraTrainer, setting
-from harness.training.lora import distance
+from harness import HarnessError, LoraTrainConfig, LoraTrainer, setting
+from harness import lora_distance as distance
 
 #: Few-step schedules shown in validation grids.
 VALIDATION_STEPS = (2, 4, 8)

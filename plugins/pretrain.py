@@ -39,13 +39,20 @@ from pathlib import Path
 import torch
 
 import harness
-from harness.errors import HarnessError, one_line
+from harness import (
+    FINAL,
+    EncodedDataset,
+    HarnessError,
+    LatentDiffusionTrainer,
+    NoiseSchedule,
+    StepReport,
+    TrainConfig,
+    Trainer,
+    one_line,
+    setting,
+)
 from harness.lab import judge, scenes
 from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples
-from harness.models import embedded
-from harness.training import LatentDiffusionTrainer, NoiseSchedule, StepReport, TrainConfig, Trainer, setting
-from harness.training.checkpoints import FINAL
-from harness.training.diffusion import EncodedDataset
 
 FIDELITY_LOG = "fidelity.jsonl"
 VAE_RUN = "vae"
@@ -311,7 +318,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
             raise HarnessError(f"cannot load the VAE from '{self.vae_folder}': {error}; pass --vae_path with "
                                "a folder a VAE stage wrote (RUN/vae/checkpoints/final).") from None
         vae.requires_grad_(False)
-        tokenizer = embedded.build_tokenizer()
+        tokenizer = harness.build_tokenizer()
         self.resolution = self.resolution or vae.config.sample_size
         latent_side = self.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         scheduler = DDIMScheduler.from_config(scheduler_config(self.config))

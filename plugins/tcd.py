@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import harness
-from harness.bench.lora_presets import PresetLoraSampler, PresetOptions
-from harness.bench.sampler import GenerationRequest, Sampler, SamplerInfo
-from harness.options import setting
+from harness import GenerationRequest, PresetLoraSampler, PresetOptions, Sampler, SamplerInfo, setting
 
 
 @dataclass(frozen=True)

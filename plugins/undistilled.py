@@ -5,8 +5,7 @@ but with the base UNet, so "student vs undistilled at 4 steps" isolates what the
 """
 
 import harness
-from harness.bench.sampler import DiffusersSampler
-from harness.models import loading as models
+from harness import DiffusersSampler
 
 
 class UndistilledSampler(DiffusersSampler):
@@ -16,7 +15,7 @@ class UndistilledSampler(DiffusersSampler):
     )
 
     def prepare(self, pipe) -> None:
-        pipe.scheduler = models.few_step_scheduler(pipe.scheduler.config)
+        pipe.scheduler = harness.few_step_scheduler(pipe.scheduler.config)
 
 
 @harness.hookimpl

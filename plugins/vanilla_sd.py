@@ -1,7 +1,7 @@
 """vanilla-sd: the base model with its own scheduler and classifier-free guidance - the seed's baseline."""
 
 import harness
-from harness.bench.sampler import DiffusersSampler
+from harness import DiffusersSampler
 
 
 class VanillaSdSampler(DiffusersSampler):

@@ -16,10 +16,8 @@ import sys
 import torch
 from harness_plugins.pretrain import denoising_losses
 
-from harness.errors import HarnessError
+from harness import HarnessError, NoiseSchedule, centre_crop, find_examples, to_pixels
 from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples
-from harness.training.data import centre_crop, find_examples, to_pixels
-from harness.training.diffusion import NoiseSchedule
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness.models import embedded
-from harness.records.files import write_folder_atomic
+import harness
+from harness import write_folder_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -55,13 +55,13 @@ def main() -> None:
     parser.add_argument("lora_dir", type=Path)
     parser.add_argument("--card", type=Path, help="Model card to ship as README.md beside the weights.")
     args = parser.parse_args()
-    for target in (embedded.SHIPPED_MODEL, embedded.SHIPPED_LORA):
+    for target in (harness.SHIPPED_MODEL, harness.SHIPPED_LORA):
         shutil.rmtree(target, ignore_errors=True)
-    export_model(args.model_dir, args.card, embedded.SHIPPED_MODEL)
-    export_lora(args.lora_dir, embedded.SHIPPED_LORA)
-    size = sum(f.stat().st_size for root in (embedded.SHIPPED_MODEL, embedded.SHIPPED_LORA)
+    export_model(args.model_dir, args.card, harness.SHIPPED_MODEL)
+    export_lora(args.lora_dir, harness.SHIPPED_LORA)
+    size = sum(f.stat().st_size for root in (harness.SHIPPED_MODEL, harness.SHIPPED_LORA)
                for f in root.rglob("*") if f.is_file())
-    print(f"wrote {embedded.SHIPPED_MODEL} and {embedded.SHIPPED_LORA}: {size / 1e6:.1f} MB")
+    print(f"wrote {harness.SHIPPED_MODEL} and {harness.SHIPPED_LORA}: {size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

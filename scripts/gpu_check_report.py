@@ -14,8 +14,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.records.schema import Record, successful, successful_baselines
-from harness.records.store import RECORDS_FILE, read_records
+from harness import RECORDS_FILE, Record, read_records, successful, successful_baselines
 
 SPEED_VARIANTS = ("plain", "channels-last", "compile", "compile-channels-last")
 FEW_STEPS = (2, 4, 8)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.reporting.report import comparison_grid
+from harness import comparison_grid
 
 PROMPTS = (1, 9, 17, 27, 35, 43, 51, 59)
 SEEDS_PER_PROMPT = 4

@@ -21,9 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import HarnessError
-from harness.records.schema import Measured, successful
-from harness.records.store import read_records
+from harness import HarnessError, Measured, read_records, successful
 
 TEACHER_FIDELITY = 0.90
 BLUR_BELOW_TEACHER = 0.25

@@ -153,7 +153,7 @@ def test_report_rebuilds_summary_and_grids_from_records(compare_run):
 def test_same_seed_same_pixels_other_seed_other_pixels(embedded_model):
     import torch
 
-    from harness.bench.sampler import GenerationRequest, SamplerConfig
+    from harness.benchmark.sampler import GenerationRequest, SamplerConfig
     from harness.hooks.registry import get_registry
     from harness.models import loading as models
 

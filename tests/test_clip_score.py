@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from harness_plugins.clip_score import SCALE, ClipScoreMetric
 from PIL import Image, ImageDraw
 
-from harness.bench.metric import MetricConfig, MetricInput
+from harness.benchmark.metric import MetricConfig, MetricInput
 from tests.conftest import invoke, record_json
 
 FAST = ("--warmup", "0", "--repeats", "1", "--quiet")

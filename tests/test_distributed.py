@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.bench import distributed
+from harness.benchmark import distributed
 from harness.errors import HarnessError
 from tests.conftest import record_json
 
@@ -35,7 +35,7 @@ import time
 from PIL import Image
 
 import harness
-from harness.bench.sampler import Sampler, SamplerInfo
+from harness.benchmark.sampler import Sampler, SamplerInfo
 
 
 class RankOneExplodes(Sampler):
@@ -245,7 +245,7 @@ def test_world_comes_from_the_launchers_variables(monkeypatch):
 
 
 def test_more_processes_than_calls_is_refused(tmp_path, embedded_model):
-    from harness.bench.runner import BenchRun, BenchSpec
+    from harness.benchmark.runner import BenchRun, BenchSpec
     from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=["flash-lcm"], steps=[2], prompts=PROMPTS, model="embedded", outdir=tmp_path)

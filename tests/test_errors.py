@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import harness
-from harness.bench.sampler import Sampler, SamplerInfo
+from harness.benchmark.sampler import Sampler, SamplerInfo
 
 
 class Explodes(Sampler):

@@ -20,8 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.bench import distributed, resources, runner, timing
-from harness.bench.prompts import read_prompt_file
+from harness.benchmark import distributed, resources, runner, timing
+from harness.benchmark.prompts import read_prompt_file
 from harness.cli import main as launcher
 from harness.errors import HarnessError
 from harness.reporting import report
@@ -49,7 +49,7 @@ def no_model_loads(monkeypatch) -> None:
 
 NAN_SAMPLERS = '''
 import harness
-from harness.bench.sampler import DiffusersSampler
+from harness.benchmark.sampler import DiffusersSampler
 
 
 class NanSampler(DiffusersSampler):
@@ -234,7 +234,7 @@ from pathlib import Path
 import torch.distributed
 
 import harness
-from harness.bench.sampler import Sampler, SamplerInfo
+from harness.benchmark.sampler import Sampler, SamplerInfo
 
 
 class StuckSampler(Sampler):

@@ -79,7 +79,7 @@ def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded
 
 
 def test_no_quality_metric_runs_on_random_weights(tmp_path):
-    from harness.bench.runner import BenchRun, BenchSpec, Reference, Task
+    from harness.benchmark.runner import BenchRun, BenchSpec, Reference, Task
     from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=("flash-lcm",), steps=(2,), prompts=("p",), model="sd15-arch", outdir=tmp_path,
@@ -108,7 +108,7 @@ def test_fidelity_is_perfect_on_renders_of_the_prompt_and_low_on_other_prompts()
     import torch
     from harness_plugins.fidelity import FidelityMetric
 
-    from harness.bench.metric import MetricConfig, MetricInput
+    from harness.benchmark.metric import MetricConfig, MetricInput
     from harness.lab.scenes import draw_scene, render_scene, sample_caption
     from harness.lab.shapes import all_attributes, caption, render
 
@@ -132,7 +132,7 @@ def test_coverage_is_high_on_independent_renders_and_low_on_one_repeated_layout(
     import torch
     from harness_plugins.fidelity import CoverageMetric
 
-    from harness.bench.metric import MetricConfig, MetricInput
+    from harness.benchmark.metric import MetricConfig, MetricInput
     from harness.errors import HarnessError
     from harness.lab.scenes import draw_scene, held_out_prompts, parse, render_scene
 

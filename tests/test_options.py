@@ -128,7 +128,7 @@ def test_eval_is_bench_with_the_student_against_the_baseline():
 
 
 def test_built_in_prompt_sets(tmp_path, monkeypatch):
-    from harness.bench.prompts import SEED_PROMPTS
+    from harness.benchmark.prompts import SEED_PROMPTS
     from harness.lab import scenes, shapes
 
     held_out = plan("--prompts", "held-out")["spec"]["prompts"]

@@ -102,7 +102,7 @@ def test_broken_plugin_is_reported_and_the_rest_still_load(tmp_path):
 
 
 COMPLETE_SAMPLER = (
-    "import harness\nfrom harness.bench.sampler import DiffusersSampler\n\n"
+    "import harness\nfrom harness.benchmark.sampler import DiffusersSampler\n\n"
     "class Clash(DiffusersSampler):\n    name = {name!r}\n    description = 'a sampler'\n\n"
     "@harness.hookimpl\ndef register_samplers(register):\n    register(Clash)\n"
 )
@@ -126,7 +126,7 @@ def test_two_plugins_registering_one_name_break_only_the_second(tmp_path):
 
 def test_a_plugin_whose_hook_raises_is_broken_and_the_rest_work(tmp_path):
     folder = write_plugin(tmp_path / "plugins", "raises", (
-        "import harness\nfrom harness.bench.sampler import DiffusersSampler\n\n"
+        "import harness\nfrom harness.benchmark.sampler import DiffusersSampler\n\n"
         "class Half(DiffusersSampler):\n    name = 'half'\n    description = 'registered before the failure'\n\n"
         "@harness.hookimpl\ndef register_samplers(register):\n    register(Half)\n"
         "    raise RuntimeError('plugin bug')\n\n"
@@ -148,12 +148,12 @@ def test_a_plugin_whose_hook_raises_is_broken_and_the_rest_work(tmp_path):
     ("class Bad(Sampler):\n    name = 'bad'\n    description = 'd'\n",
      "sampler class Bad does not implement describe, generate, load"),
     ("class Bad(DiffusersSampler):\n    name = 'bad'\n", "sampler class Bad does not set description"),
-    ("class Bad:\n    name = 'bad'\n    description = 'd'\n", "is not a subclass of harness.bench.sampler.Sampler"),
+    ("class Bad:\n    name = 'bad'\n    description = 'd'\n", "is not a subclass of harness.benchmark.sampler.Sampler"),
     ("class Bad(DiffusersSampler):\n    name = 'bad'\n    description = 'd'\n    Options = dict\n",
      "sampler class Bad has Options <class 'dict'>, not a dataclass subclass of harness.options.Options"),
 ])
 def test_a_class_that_breaks_its_contract_is_refused_with_what_it_lacks(tmp_path, body, missing):
-    source = ("import harness\nfrom harness.bench.sampler import DiffusersSampler, Sampler\n\n" + body +
+    source = ("import harness\nfrom harness.benchmark.sampler import DiffusersSampler, Sampler\n\n" + body +
               "\n@harness.hookimpl\ndef register_samplers(register):\n    register(Bad)\n")
     folder = write_plugin(tmp_path / "plugins", "contract", source)
     [broken] = Registry([folder]).broken()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.bench.prompts import load_prompts
+from harness.benchmark.prompts import load_prompts
 from harness.cli.support import expand_multi_value
 from harness.errors import HarnessError
 from tests.conftest import invoke

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.bench import timing
-from harness.bench.metric import Metric, MetricInput
-from harness.bench.runner import (
+from harness.benchmark import timing
+from harness.benchmark.metric import Metric, MetricInput
+from harness.benchmark.runner import (
     BenchSpec,
     RecordContext,
     Reference,

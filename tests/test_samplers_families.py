@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import lora_presets
+from harness.benchmark import lora_presets
 from harness.errors import HarnessError
 from harness.models import loading as models
 from tests.conftest import invoke, record_json
@@ -67,7 +67,7 @@ def test_new_samplers_are_listed_as_built_in_plugins():
 
 
 def test_plan_gives_each_family_its_guidance_and_grid_name():
-    from harness.bench.runner import Task, comparison_name
+    from harness.benchmark.runner import Task, comparison_name
 
     result = invoke("bench", "--dry-run", "--sampler", "tcd", "dpm-solver", "--steps", "2", "--tcd-gamma", "0.5",
                     "--compare_baseline", "--seed", "42")
@@ -125,7 +125,7 @@ def test_tcd_and_dpm_solver_records(families_run, embedded_model):
 def _sampler(cls, model, options=None):
     import torch
 
-    from harness.bench.sampler import SamplerConfig
+    from harness.benchmark.sampler import SamplerConfig
 
     sampler = cls(SamplerConfig(model, torch.device("cpu"), torch.float32), options)
     sampler.load()
@@ -136,7 +136,7 @@ def test_tcd_gamma_changes_the_images(embedded_model):
     import numpy as np
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.bench.sampler import GenerationRequest
+    from harness.benchmark.sampler import GenerationRequest
 
     model = models.resolve_model("embedded")
     request = GenerationRequest(model.default_prompt, 4, 0.0, (0,))
@@ -231,7 +231,7 @@ def test_preflight_refuses_what_cannot_run(offline_cache):
     from harness_plugins.flash_lcm import FlashLcmSampler
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.bench.sampler import SamplerConfig
+    from harness.benchmark.sampler import SamplerConfig
 
     config = SamplerConfig(models.resolve_model("sd15"), torch.device("cpu"), torch.float32)
     with pytest.raises(HarnessError, match="LoRA preset 'tcd' needs h1t/TCD-SD15-LoRA"):
@@ -250,7 +250,7 @@ def test_lora_named_by_path_or_id_wins_over_the_default_preset(embedded_model, t
     import torch
     from harness_plugins.tcd import TcdOptions, TcdSampler
 
-    from harness.bench.sampler import SamplerConfig
+    from harness.benchmark.sampler import SamplerConfig
     from harness.models.embedded import embedded_lora
 
     sd15 = models.resolve_model("sd15")
@@ -287,7 +287,7 @@ def test_a_per_step_preset_loads_the_file_of_each_step_count(embedded_model, tmp
     from harness_plugins.tcd import TcdOptions, TcdSampler
     from huggingface_hub import constants
 
-    from harness.bench.sampler import GenerationRequest, SamplerConfig
+    from harness.benchmark.sampler import GenerationRequest, SamplerConfig
     from harness.models.embedded import embedded_lora
 
     files = tmp_path / "per-step"

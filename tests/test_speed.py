@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.bench.sampler import GenerationRequest, SamplerConfig
+from harness.benchmark.sampler import GenerationRequest, SamplerConfig
 from harness.hooks.registry import get_registry
 from harness.models import loading as models
 from harness.models.speed import SpeedOptions

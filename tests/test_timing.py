@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from harness.bench import timing
+from harness.benchmark import timing
 from harness.records.schema import Stats
 
 CPU = torch.device("cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -15,15 +14,15 @@ from typing import Any, NoReturn
 import click
 from tabulate import tabulate
 
-from harness import __version__
-from harness.bench import distributed, launch
-from harness.bench.launch import CORE_OPTIONS
-from harness.bench.runner import BenchOptions, BenchRun, BenchSpec, plan
-from harness.bench.timing import TimingSettings
+from harness.benchmark import distributed, launch
+from harness.benchmark.launch import CORE_OPTIONS
+from harness.benchmark.runner import BenchOptions, BenchRun, BenchSpec, plan
+from harness.benchmark.timing import TimingSettings
 from harness.cli.support import MultiValueCommand, click_errors
 from harness.cli.train import train
 from harness.errors import ExitCode, HarnessError
 from harness.hooks.registry import PLUGIN_DIRS_ENV, Registry, get_registry
+from harness.models import loading as models
 from harness.models.speed import SpeedOptions
 from harness.options import build, click_options, multi_value_flags
 from harness.records import store as records
@@ -31,6 +30,7 @@ from harness.reporting import html as html_report
 from harness.reporting import report
 from harness.reporting.compare import compare_command
 from harness.reporting.leaderboard import leaderboard_command
+from harness.version import __version__
 
 
 class HarnessGroup(click.Group):
@@ -69,22 +69,7 @@ class HarnessGroup(click.Group):
               help=f"Also load every *.py plugin file in this folder (repeatable; or set {PLUGIN_DIRS_ENV}).")
 def cli(plugin_dir: tuple[str, ...]) -> None:
     """Benchmark and distil few-step text-to-image diffusion samplers."""
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers log progress bars and notices on every load; harness reports instead.
-
-    Set DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY to get them back.
-    """
-    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.disable_progress_bar()
+    models.quiet_libraries()
 
 
 BENCH_HELP = """Generate images with one or more samplers and time them under one protocol.
@@ -135,7 +120,7 @@ GENERATED_COMMANDS = {
 
 
 def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> None:
-    """One process, or one of several started by torchrun / accelerate launch (see harness.bench.distributed)."""
+    """One process, or one of several started by torchrun / accelerate launch (see harness.benchmark.distributed)."""
     world = distributed.world_from_env()
     try:
         if options.dry_run:  # the plan only: no model is resolved or loaded

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,7 +19,7 @@ from harness.cli.support import MultiValueCommand
 from harness.errors import HarnessError
 from harness.hooks.registry import Registered, get_registry
 from harness.options import click_options, multi_value_flags
-from harness.training.config import TrainConfig
+from harness.training.config import TrainConfig, check_run_name
 from harness.training.trainer import StepReport, Trainer
 
 if TYPE_CHECKING:
@@ -64,15 +63,6 @@ def make_trainer_command(entry: Registered[type[Trainer]], plugin_manager: plugg
     return MultiValueCommand(entry.name, params=click_options(config_class), callback=callback,
                              multi_value=multi_value_flags(config_class),
                              help=f"{entry.description}\n\nTrainer '{entry.name}' from {entry.source}.")
-
-
-def check_run_name(name: str) -> None:
-    """--run_name is one folder inside --output_dir: '' and '.' are the output folder itself, '..' lies outside it,
-    and 'r1/lora/final' would nest a run inside another run's weights. Trainers that nest a stage in their own
-    run folder (pretrain's RUN/vae) build that name themselves."""
-    if name in ("", ".", "..") or Path(name).name != name:
-        raise HarnessError(f"--run_name {name!r} is not a plain folder name; pass one name without '/', "
-                           "e.g. --run_name my_lora.")
 
 
 def run_trainer(trainer_class: type[Trainer], config: TrainConfig, plugin_manager: pluggy.PluginManager) -> None:

@@ -22,8 +22,8 @@ from harness.errors import HarnessError, one_line
 from harness.hooks import specs as hookspecs
 
 if TYPE_CHECKING:
-    from harness.bench.metric import Metric
-    from harness.bench.sampler import Sampler
+    from harness.benchmark.metric import Metric
+    from harness.benchmark.sampler import Sampler
     from harness.training.trainer import Trainer
 
 ENTRY_POINT_GROUP = "harness"
@@ -88,8 +88,8 @@ class PluginKind:
 
 def _plugin_kinds() -> tuple[PluginKind, ...]:
     # Imported here: these modules import torch and diffusers, which `harness --help` never needs.
-    from harness.bench.metric import Metric
-    from harness.bench.sampler import Sampler
+    from harness.benchmark.metric import Metric
+    from harness.benchmark.sampler import Sampler
     from harness.training.trainer import Trainer
 
     return (PluginKind("sampler", "register_samplers", Sampler), PluginKind("trainer", "register_trainers", Trainer),

@@ -16,8 +16,8 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from harness.bench.metric import Metric
-    from harness.bench.sampler import Sampler
+    from harness.benchmark.metric import Metric
+    from harness.benchmark.sampler import Sampler
     from harness.training.trainer import Trainer
 
 hookspec = pluggy.HookspecMarker("harness")
@@ -31,7 +31,7 @@ def register_samplers(register: Callable[[type[Sampler]], None]) -> None:
     Called once, when the plugin registry is first built (before any command runs).
 
     :param register: call ``register(SamplerClass)`` for each sampler the plugin provides. The class
-        must subclass :class:`harness.bench.sampler.Sampler` and set ``name`` and ``description``.
+        must subclass :class:`harness.benchmark.sampler.Sampler` and set ``name`` and ``description``.
         Registering a name that another plugin already registered is an error.
     :return: nothing; the return value is ignored.
     """
@@ -56,7 +56,7 @@ def register_metrics(register: Callable[[type[Metric]], None]) -> None:
     Called once, when the plugin registry is first built.
 
     :param register: call ``register(MetricClass)`` for each metric the plugin provides. The class must
-        subclass :class:`harness.bench.metric.Metric` and set ``name`` and ``description``;
+        subclass :class:`harness.benchmark.metric.Metric` and set ``name`` and ``description``;
         ``harness bench --metric NAME`` runs it on every measurement's images, outside the timed region.
     :return: nothing; the return value is ignored.
     """

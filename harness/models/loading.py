@@ -8,6 +8,7 @@ embedded model exercises exactly the code GPU users run.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -300,3 +301,18 @@ def few_step_scheduler(scheduler_config: Mapping[str, Any]) -> LCMScheduler:
 def cpu_generators(seeds: Iterable[int]) -> list[torch.Generator]:
     """One seeded CPU generator per image: the starting noise is then the same on every device."""
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers log progress bars and notices on every load; harness reports instead.
+
+    Set DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY to get them back.
+    """
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_progress_bar()

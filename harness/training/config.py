@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
@@ -90,3 +91,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_run_name(name: str) -> None:
+    """--run_name is one folder inside --output_dir: '' and '.' are the output folder itself, '..' lies outside it,
+    and 'r1/lora/final' would nest a run inside another run's weights. Trainers that nest a stage in their own
+    run folder (pretrain's RUN/vae) build that name themselves."""
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise HarnessError(f"--run_name {name!r} is not a plain folder name; pass one name without '/', "
+                           "e.g. --run_name my_lora.")

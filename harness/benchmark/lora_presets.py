@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import harness.options
-from harness.bench.sampler import FewStepLoraSampler, GenerationRequest, SamplerInfo
+from harness.benchmark.sampler import FewStepLoraSampler, GenerationRequest, SamplerInfo
 from harness.errors import HarnessError
 from harness.models import loading as models
 from harness.options import Options, setting

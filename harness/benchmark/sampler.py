@@ -1,8 +1,8 @@
 """What a sampler plugin implements.
 
 A sampler turns (prompt, steps, guidance, seeds) into images and says what it is. It never times
-itself, never writes files and never prints tables: ``harness.bench.runner`` and ``harness.bench.timing`` do that,
-identically for every sampler.
+itself, never writes files and never prints tables: ``harness.benchmark.runner`` and
+``harness.benchmark.timing`` do that, identically for every sampler.
 """
 
 from __future__ import annotations

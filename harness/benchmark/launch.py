@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.bench import distributed
-from harness.bench.prompts import load_prompts
-from harness.bench.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec
-from harness.bench.timing import TimingSettings
+from harness.benchmark import distributed
+from harness.benchmark.prompts import load_prompts
+from harness.benchmark.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec
+from harness.benchmark.timing import TimingSettings
 from harness.errors import HarnessError
 from harness.models.speed import SpeedOptions
 from harness.options import build, click_options

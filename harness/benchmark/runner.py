@@ -6,7 +6,7 @@
 - :func:`build_record` (pure): the typed record of a measurement from what every process measured;
 - :class:`RunWriter`: every file of the run folder (images, grids, records, summary, plots);
 - :class:`BenchRun`: loads each sampler once and moves tasks through these parts, with the other processes
-  of a torchrun / accelerate launch job (``harness.bench.distributed``) where there are several.
+  of a torchrun / accelerate launch job (``harness.benchmark.distributed``) where there are several.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harness.bench import distributed, resources, timing
-from harness.bench.metric import Metric, MetricConfig, MetricInput
-from harness.bench.sampler import GenerationRequest, Sampler, SamplerConfig
+from harness.benchmark import distributed, resources, timing
+from harness.benchmark.metric import Metric, MetricConfig, MetricInput
+from harness.benchmark.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
 from harness.models import loading as models
 from harness.models.speed import SpeedOptions
@@ -55,7 +55,7 @@ MAX_SEED = 2**64 - 1  # torch generators take seeds up to 2**64 - 1
 class BenchOptions(Options):
     """What ``harness bench`` (and ``harness eval``) are asked, one option per field.
 
-    With :class:`harness.bench.timing.TimingSettings`, :class:`harness.models.speed.SpeedOptions` and the selected
+    With :class:`harness.benchmark.timing.TimingSettings`, :class:`harness.models.speed.SpeedOptions` and the selected
     plugins' ``Options`` this is every option of the command and the only place their defaults live.
     """
 
