@@ -12,13 +12,13 @@ import pytest
 from harness.hooks.registry import Registry
 from tests.conftest import invoke, record_json
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SAMPLER_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "samplers.md"
 
 
-def readme_plugin_source() -> str:
-    """The complete plugin shown under "Writing a sampler plugin" in README.md."""
-    section = README.read_text(encoding="utf-8").split("### Writing a sampler plugin", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def guide_plugin_source() -> str:
+    """The complete plugin shown in the sampler guide of the docs (docs/plugins/samplers.md): its first Python block."""
+    page = SAMPLER_GUIDE.read_text(encoding="utf-8")
+    return re.search(r"```python\n(.*?)```", page, re.S).group(1)
 
 
 def install_distribution(site: Path, dist_name: str, module: str, source: str) -> None:
@@ -51,7 +51,7 @@ def test_builtin_samplers_are_listed_as_plugins():
 def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedded_model):
     site = tmp_path / "site"
     site.mkdir()
-    install_distribution(site, "harness-ddim", "harness_ddim", readme_plugin_source())
+    install_distribution(site, "harness-ddim", "harness_ddim", guide_plugin_source())
 
     listed = run_harness("plugins", "--json", pythonpath=site, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -79,7 +79,7 @@ def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedd
 def test_plugin_dir_and_environment_variable(tmp_path):
     folder = tmp_path / "my_plugins"
     folder.mkdir()
-    (folder / "ddim_plugin.py").write_text(readme_plugin_source(), encoding="utf-8")
+    (folder / "ddim_plugin.py").write_text(guide_plugin_source(), encoding="utf-8")
     rows = json.loads(invoke("--plugin-dir", folder, "plugins", "--json").output)
     ddim = next(row for row in rows if row["name"] == "ddim")
     assert ddim["source"] == f"file {folder / 'ddim_plugin.py'}"
@@ -183,7 +183,7 @@ def test_hook_tracing_shows_the_register_hooks(tmp_path):
 def test_an_option_of_a_sampler_the_run_does_not_use_is_refused(tmp_path):
     folder = tmp_path / "my_plugins"
     folder.mkdir()
-    (folder / "ddim_plugin.py").write_text(readme_plugin_source(), encoding="utf-8")
+    (folder / "ddim_plugin.py").write_text(guide_plugin_source(), encoding="utf-8")
     result = invoke("--plugin-dir", folder, "bench", "--sampler", "flash-lcm", "--ddim-eta", "0.5", "--dry-run")
     assert result.exit_code == 2
     assert result.output == ("Error: --ddim-eta is an option of sampler 'ddim', which this run does not use; "

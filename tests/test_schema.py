@@ -1,4 +1,4 @@
-"""The record schema as types: the README's table, the JSON round trip, and the checks of every field."""
+"""The record schema as types: the docs' table, the JSON round trip, and the checks of every field."""
 
 import dataclasses
 import json
@@ -25,16 +25,16 @@ from harness.records.schema import (
 from harness.records.store import append_record, read_records
 from tests.conftest import make_record
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+RECORDS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "records.md"
 
 
 def names(cls) -> set[str]:
     return {field.name for field in dataclasses.fields(cls)}
 
 
-def readme_record_rows() -> dict[str, str]:
-    """The Records table of README.md: each backticked field name of the first column -> its meaning."""
-    section = README.read_text(encoding="utf-8").split("### Records", 1)[1]
+def documented_record_rows() -> dict[str, str]:
+    """The Records table of docs/reference/records.md: each backticked field name of the first column -> its meaning."""
+    section = RECORDS_PAGE.read_text(encoding="utf-8").split("## Records", 1)[1]
     table = section[section.index("| Field | Meaning |"):].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
@@ -44,8 +44,8 @@ def readme_record_rows() -> dict[str, str]:
     return rows
 
 
-def test_the_readme_table_names_exactly_the_json_fields():
-    rows = readme_record_rows()
+def test_the_documented_table_names_exactly_the_json_fields():
+    rows = documented_record_rows()
     top_level = {name.split(".")[0] for name in rows}
     json_keys = (names(Record) - {"measured"}) | names(Measured) | {"status", "error"}
     assert top_level == json_keys - {"error"}  # `error` is explained in the `status` row
@@ -57,8 +57,8 @@ def test_the_readme_table_names_exactly_the_json_fields():
 @pytest.mark.parametrize("field, cls", [("unet", UnetCounts), ("stages", Stages), ("memory", Memory),
                                         ("comparisons", Comparison), ("ranks", RankFigures),
                                         ("timing.seconds_per_call", Stats)])
-def test_the_readme_lists_the_fields_of_each_nested_part(field, cls):
-    quoted = " ".join(re.findall(r"`([^`]+)`", readme_record_rows()[field]))
+def test_the_docs_list_the_fields_of_each_nested_part(field, cls):
+    quoted = " ".join(re.findall(r"`([^`]+)`", documented_record_rows()[field]))
     listed = set(re.findall(r"[a-z_0-9]+", quoted))
     assert names(cls) <= listed
 

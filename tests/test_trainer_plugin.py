@@ -1,4 +1,4 @@
-"""Trainer plugins: the README's guide trains, resumes and benchmarks; a class that breaks the contract is refused."""
+"""Trainer plugins: the docs' guide trains, resumes and benchmarks; a class that breaks the contract is refused."""
 
 import json
 import math
@@ -12,26 +12,26 @@ from safetensors.torch import load_file
 from harness.hooks.registry import get_registry
 from tests.conftest import invoke, record_json
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TRAINER_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "trainers.md"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def readme_trainer_source() -> str:
-    """The complete plugin shown under "Writing a trainer plugin" in README.md."""
-    section = README.read_text(encoding="utf-8").split("### Writing a trainer plugin", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def guide_trainer_source() -> str:
+    """The complete plugin shown in the trainer guide of the docs (docs/plugins/trainers.md): its first Python block."""
+    page = TRAINER_GUIDE.read_text(encoding="utf-8")
+    return re.search(r"```python\n(.*?)```", page, re.S).group(1)
 
 
 @pytest.fixture
 def plugin_dir(tmp_path):
     folder = tmp_path / "my_plugins"
     folder.mkdir()
-    (folder / "harness_finetune.py").write_text(readme_trainer_source(), encoding="utf-8")
+    (folder / "harness_finetune.py").write_text(guide_trainer_source(), encoding="utf-8")
     return folder
 
 
 @pytest.mark.slow
-def test_the_readme_trainer_trains_resumes_exactly_and_benches(tmp_path, plugin_dir, embedded_model, monkeypatch):
+def test_the_guide_trainer_trains_resumes_exactly_and_benches(tmp_path, plugin_dir, embedded_model, monkeypatch):
     data = tmp_path / "shapes"
     assert invoke("data", "shapes", "--out", data, "--n", "4", "--seed", "0", "--resolution", "64").exit_code == 0
     train = ("--plugin-dir", plugin_dir, "train", "--plugin", "finetune", "--model", "embedded", "--data_dir", data,
