@@ -49,13 +49,14 @@ _PUBLIC = {
     "successful": "harness.records.schema", "successful_baselines": "harness.records.schema",
     "read_records": "harness.records.store", "RECORDS_FILE": "harness.records.store",
     "write_folder_atomic": "harness.records.files",
+    "TrainingRun": "harness.records.training_run", "json_objects": "harness.records.training_run",
     "comparison_grid": "harness.reporting.report",
 }
 # Public names that are another name in their module.
 _RENAMED = {"lora_distance": "distance"}
 
 __all__ = [  # what plugins, scripts and notebooks may use; tests/test_api.py checks every name resolves
-    "SHIPPED_LORA", "SHIPPED_MODEL",
+    "SHIPPED_LORA", "SHIPPED_MODEL", "TrainingRun", "json_objects",
     "CLEAN", "DiffusersSampler", "EncodedDataset", "ExitCode", "FINAL", "FewStepLoraSampler", "GenerationRequest",
     "HarnessError", "LatentDiffusionTrainer", "LoraSource", "LoraTrainConfig", "LoraTrainer", "Measured", "Metric",
     "MetricConfig", "MetricInput", "NoiseSchedule", "Options", "PresetLoraSampler", "PresetOptions", "RECORDS_FILE",
@@ -101,6 +102,7 @@ if TYPE_CHECKING:
     from harness.records.files import write_folder_atomic
     from harness.records.schema import Measured, Record, successful, successful_baselines
     from harness.records.store import RECORDS_FILE, read_records
+    from harness.records.training_run import TrainingRun, json_objects
     from harness.reporting.report import comparison_grid
     from harness.training.checkpoints import FINAL
     from harness.training.config import TrainConfig

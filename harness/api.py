@@ -30,7 +30,7 @@ import click
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.benchmark.runner import Task
+    from harness.benchmark.plan import Task
     from harness.hooks.registry import Registry
     from harness.records.schema import Record
     from harness.training.trainer import StepReport
@@ -39,7 +39,7 @@ log = logging.getLogger("harness")
 
 # Options of `harness bench` that are about what the command prints; a Python caller has the return value.
 PRINTING_ONLY = {"as_json": "read the returned records", "quiet": "the API prints nothing",
-                 "dry_run": "call harness.benchmark.launch.build_spec and harness.benchmark.runner.plan"}
+                 "dry_run": "call harness.benchmark.launch.build_spec and harness.benchmark.plan.plan"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def bench(*, registry: Registry | None = None, on_progress: Callable[[Task], Non
     (by default they go to the ``harness`` logger). ``registry`` defaults to the installed plugins.
     """
     from harness.benchmark import distributed, launch
-    from harness.benchmark.runner import BenchOptions
+    from harness.benchmark.spec import BenchOptions
     from harness.benchmark.timing import TimingSettings
     from harness.hooks.registry import get_registry
     from harness.models.loading import quiet_libraries

@@ -458,8 +458,8 @@ class PretrainTrainer(LatentDiffusionTrainer):
             name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
             for name in ("vae", "unet", "text_encoder")
         }
-        log = _read_jsonl(self.run_dir / "train_log.jsonl")
-        fidelity = _read_jsonl(self.run_dir / FIDELITY_LOG)
+        log = harness.TrainingRun(self.run_dir).log()
+        fidelity = harness.json_objects(self.run_dir / FIDELITY_LOG)
         lines = [
             "# harness embedded model: a tiny Stable Diffusion trained from scratch",
             "",
@@ -633,12 +633,6 @@ def denoising_losses(unet, text_encoder, tokenizer, schedule: NoiseSchedule, lat
     alpha, sigma = schedule.alpha_sigma(timesteps, latents)
     target = alpha * noise - sigma * latents if schedule.prediction_type == "v_prediction" else noise
     return (output.float() - target).pow(2).flatten(1).mean(dim=1)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @harness.hookimpl

@@ -19,7 +19,6 @@ configuration and exits 1 if any did not train to its end (failed, skipped or st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -29,7 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+import harness
 
 # Flags the sweep sets for each run; a configuration may not set the shared --output_dir either.
 SET_BY_THE_SWEEP = ("run_name", "max_steps", "eval_every", "checkpointing_steps")
@@ -100,25 +100,7 @@ def launch(name: str, flags: list[str], root: Path) -> subprocess.Popen[bytes]:
 
 def step_seconds(run_dir: Path) -> dict[int, float]:
     """Step -> seconds since the run's start, from its train_log.jsonl (lines still being written are skipped)."""
-    seconds: dict[int, float] = {}
-    for row in _json_lines(run_dir / "train_log.jsonl"):
-        try:
-            seconds[int(row["step"])] = float(row["seconds"])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return seconds
-
-
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return dict(harness.TrainingRun(run_dir).step_seconds())
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -205,7 +187,7 @@ def main(argv: list[str]) -> int:
     finally:
         stop_all(list(runs.values()))
     for name, process in runs.items():
-        evaluations = _json_lines(args.root / name / "fidelity.jsonl")
+        evaluations = harness.json_objects(args.root / name / "fidelity.jsonl")
         last = evaluations[-1] if evaluations else {}
         state = ("stopped at the deadline (its newest checkpoint, if any, stands)" if name in late
                  else f"exit {process.returncode}")

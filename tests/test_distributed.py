@@ -245,7 +245,8 @@ def test_world_comes_from_the_launchers_variables(monkeypatch):
 
 
 def test_more_processes_than_calls_is_refused(tmp_path, embedded_model):
-    from harness.benchmark.runner import BenchRun, BenchSpec
+    from harness.benchmark.runner import BenchRun
+    from harness.benchmark.spec import BenchSpec
     from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=["flash-lcm"], steps=[2], prompts=PROMPTS, model="embedded", outdir=tmp_path)

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.benchmark import distributed, resources, runner, timing
+from harness.benchmark import distributed, measure, resources, timing
 from harness.benchmark.prompts import read_prompt_file
 from harness.cli import main as launcher
 from harness.errors import HarnessError
@@ -141,7 +141,7 @@ def test_the_profile_counts_nan_per_unet_call_and_per_image_however_the_decoder_
         assert (stages.unet_calls, stages.nonfinite_unet_calls, stages.nonfinite_images) == (3, 1, 1)
     stages = timing.profile(call([torch.cat([good, good])]), components, cpu, images=2)
     assert (stages.nonfinite_unet_calls, stages.nonfinite_images) == (1, 0)
-    assert runner.nonfinite_problem(stages, 2) == "the UNet gave NaN or inf values in 1 of 3 calls " + NAN_FIX
+    assert measure.nonfinite_problem(stages, 2) == "the UNet gave NaN or inf values in 1 of 3 calls " + NAN_FIX
 
 
 # ----- 2. launchers: stale or partial WORLD_SIZE / RANK / MASTER_* variables -----

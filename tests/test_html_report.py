@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from harness.benchmark.runner import RunWriter
+from harness.benchmark.record import RunWriter
 from harness.records.schema import Comparison
 from harness.records.store import append_record, read_records
 from harness.reporting import report

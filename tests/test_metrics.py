@@ -79,7 +79,10 @@ def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded
 
 
 def test_no_quality_metric_runs_on_random_weights(tmp_path):
-    from harness.benchmark.runner import BenchRun, BenchSpec, Reference, Task
+    from harness.benchmark.measure import Reference
+    from harness.benchmark.plan import Task
+    from harness.benchmark.runner import BenchRun
+    from harness.benchmark.spec import BenchSpec
     from harness.hooks.registry import get_registry
 
     spec = BenchSpec(samplers=("flash-lcm",), steps=(2,), prompts=("p",), model="sd15-arch", outdir=tmp_path,

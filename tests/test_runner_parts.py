@@ -7,19 +7,11 @@ import pytest
 from PIL import Image
 
 from harness.benchmark import timing
+from harness.benchmark.measure import Reference, Scorer, Share
 from harness.benchmark.metric import Metric, MetricInput
-from harness.benchmark.runner import (
-    BenchSpec,
-    RecordContext,
-    Reference,
-    RunWriter,
-    Scorer,
-    Share,
-    Task,
-    build_record,
-    comparison_name,
-    plan,
-)
+from harness.benchmark.plan import Task, comparison_name, plan
+from harness.benchmark.record import RecordContext, RunWriter, build_record
+from harness.benchmark.spec import BenchSpec
 from harness.hooks.registry import get_registry
 from harness.records.schema import Comparison, Stages
 from harness.records.store import read_records

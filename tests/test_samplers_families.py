@@ -67,7 +67,7 @@ def test_new_samplers_are_listed_as_built_in_plugins():
 
 
 def test_plan_gives_each_family_its_guidance_and_grid_name():
-    from harness.benchmark.runner import Task, comparison_name
+    from harness.benchmark.plan import Task, comparison_name
 
     result = invoke("bench", "--dry-run", "--sampler", "tcd", "dpm-solver", "--steps", "2", "--tcd-gamma", "0.5",
                     "--compare_baseline", "--seed", "42")

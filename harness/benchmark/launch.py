@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.benchmark import distributed
+from harness.benchmark.plan import RUN_IMAGE
 from harness.benchmark.prompts import load_prompts
-from harness.benchmark.runner import MAX_SEED, RUN_IMAGE, BenchOptions, BenchRun, BenchSpec
+from harness.benchmark.runner import BenchRun
+from harness.benchmark.spec import MAX_SEED, BenchOptions, BenchSpec
 from harness.benchmark.timing import TimingSettings
 from harness.errors import HarnessError
 from harness.models.speed import SpeedOptions

@@ -16,7 +16,9 @@ from tabulate import tabulate
 
 from harness.benchmark import distributed, launch
 from harness.benchmark.launch import CORE_OPTIONS
-from harness.benchmark.runner import BenchOptions, BenchRun, BenchSpec, plan
+from harness.benchmark.plan import plan
+from harness.benchmark.runner import BenchRun
+from harness.benchmark.spec import BenchOptions, BenchSpec
 from harness.benchmark.timing import TimingSettings
 from harness.cli.support import MultiValueCommand, click_errors
 from harness.cli.train import train

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from harness.errors import HarnessError
 from harness.records.files import write_folder_atomic, write_text_atomic
 from harness.records.schema import Measured, Record, successful
 from harness.records.store import RECORDS_FILE, read_records
+from harness.records.training_run import TrainingRun
 
 if TYPE_CHECKING:
     from harness.reporting.plots import QualitySeries
@@ -37,8 +37,6 @@ LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_PLOT = "leaderboard.png"
 # What harness.training.trainer writes into a training run folder (not imported: it pulls in accelerate).
-TRAIN_LOG = "train_log.jsonl"
-TRAIN_CONFIG = "config.json"
 # A LoRA lies at RUN/lora/final or RUN/lora/checkpoint-N: its training run is at most this many folders up.
 RUN_FOLDER_LEVELS = 2
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -322,47 +320,11 @@ def find_training_run(location: str, run: Run) -> Path | None:
             if not folder.is_dir():
                 continue
             for level in (folder, *folder.parents[:RUN_FOLDER_LEVELS]):
-                if (level / TRAIN_LOG).is_file() or _trainer(level) is not None:
+                if TrainingRun.holds_run(level):
                     return level
     except (OSError, RuntimeError):  # a location no folder can have: a name too long, '~user' of no user
         pass
     return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-
-
-def _trainer(folder: Path) -> str | None:
-    document = _read_json(folder / TRAIN_CONFIG) if (folder / TRAIN_CONFIG).is_file() else None
-    trainer = document.get("trainer") if isinstance(document, dict) else None
-    return trainer if isinstance(trainer, str) else None
-
-
-def _logged(folder: Path) -> list[tuple[int, float]]:
-    """(step, seconds) of every whole line of train_log.jsonl; a line torn by a kill, or damaged, is passed over."""
-    try:
-        data = (folder / TRAIN_LOG).read_bytes()
-    except OSError:
-        return []
-    found = []
-    for line in data.splitlines():
-        try:
-            entry = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            continue
-        if not isinstance(entry, dict):
-            continue
-        step, seconds = entry.get("step"), entry.get("seconds")
-        # A step beyond the float range could be neither shown nor divided by the seconds.
-        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= sys.float_info.max \
-                and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
-                and abs(seconds) <= sys.float_info.max:
-            found.append((step, float(seconds)))
-    return found
 
 
 def training_cost(location: str, run: Run) -> TrainingCost | None:
@@ -370,7 +332,7 @@ def training_cost(location: str, run: Run) -> TrainingCost | None:
     folder = find_training_run(location, run)
     if folder is None:
         return None
-    logged = _logged(folder)
+    logged = TrainingRun(folder).step_seconds()
     checkpoint = _CHECKPOINT.fullmatch(_lora_folder(location).name)
     steps: int | None
     seconds: float | None
@@ -381,7 +343,7 @@ def training_cost(location: str, run: Run) -> TrainingCost | None:
         steps, seconds = logged[-1]
     else:
         steps, seconds = None, None
-    return TrainingCost(str(folder), _trainer(folder), steps, seconds)
+    return TrainingCost(str(folder), TrainingRun(folder).trainer(), steps, seconds)
 
 
 def metric_value(measured: Measured, name: str) -> float | None:

@@ -54,6 +54,7 @@ from harness.errors import HarnessError, one_line
 from harness.records import files
 from harness.records.environment import environment
 from harness.records.rundir import FolderLock, Replacement, first_missing
+from harness.records.training_run import CONFIG_FILE, LOG_FILE, TRACKERS_FOLDER, VALIDATION_FOLDER, logged_step
 from harness.reporting import report
 from harness.training import checkpoints
 from harness.training.checkpoints import CheckpointError, TrainingState
@@ -64,10 +65,6 @@ from harness.training.trackers import TRACKER_FIX, TRACKER_INSTALL, flat_config,
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-CONFIG_FILE = "config.json"
-LOG_FILE = "train_log.jsonl"
-VALIDATION_FOLDER = "validation"
-TRACKERS_FOLDER = "trackers"
 #: The options that name a run folder, for the line that refuses a second run in it.
 RUN_FOLDER_OPTION = "--output_dir/--run_name"
 # Signs of a failed CPU allocation in torch's RuntimeError (Linux and Windows wording).
@@ -99,16 +96,6 @@ def _remove_empty_folders(folder: Path, outermost: Path | None) -> None:
             # never made (gone, or a name the system refuses): its parent may still be this run's, and empty
         if path == outermost:
             return
-
-
-def _logged_step(line: bytes) -> int | None:
-    """The step of one train_log.jsonl line; None for a line that is not one (torn by a kill, or damaged)."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _cpu_out_of_memory(error: BaseException) -> bool:
@@ -727,7 +714,7 @@ class Trainer(abc.ABC):
         if resume_folder is not None and log.is_file():
             kept = []
             for line in log.read_bytes().splitlines():
-                step = _logged_step(line)
+                step = logged_step(line)
                 # Steps logged after the checkpoint are about to be trained again; a line torn by a kill goes too.
                 if step is not None and step <= progress.step:
                     kept.append(line.decode("utf-8"))

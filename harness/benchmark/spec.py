@@ -1,0 +1,124 @@
+"""What ``harness bench`` is asked: its options (:class:`BenchOptions`) and, resolved and checked, the run's
+:class:`BenchSpec`, which no run changes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.benchmark import timing
+from harness.models.speed import SpeedOptions
+from harness.options import Options, setting
+
+if TYPE_CHECKING:
+    pass
+
+
+DTYPE_CHOICES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
+MAX_SEED = 2**64 - 1  # torch generators take seeds up to 2**64 - 1
+
+
+@dataclass(frozen=True)
+class BenchOptions(Options):
+    """What ``harness bench`` (and ``harness eval``) are asked, one option per field.
+
+    With :class:`harness.benchmark.timing.TimingSettings`, :class:`harness.models.speed.SpeedOptions` and the selected
+    plugins' ``Options`` this is every option of the command and the only place their defaults live.
+    """
+
+    samplers: tuple[str, ...] = setting(("flash-lcm",), "Sampler(s) to run; several values after one flag or a "
+                                                         "repeated flag.", flags=("--sampler", "-s"))
+    prompt: str | None = setting(None, "Text prompt (default: a prompt suited to the model).")
+    prompts_file: str | None = setting(
+        None, "File of prompts (one per line, or JSONL with a 'prompt' field) or a built-in set: held-out (the "
+              "embedded model's 64 evaluation prompts), seed (the demo's prompts).", flags=("--prompts",),
+        metavar="FILE|SET")
+    steps: tuple[int, ...] = setting((2, 4, 8), "Inference steps of the few-step samplers, e.g. --steps 2 4 8.",
+                                     minimum=1)
+    seed: int | None = setting(None, "Random seed (0 to 2**64-1); also put into file names, as the seed demo does.",
+                               minimum=0, maximum=MAX_SEED)
+    outdir: str | None = setting(None, "Output folder (default: a new results/<UTC time>-<samplers>/).")
+    num_images: int = setting(1, "Images per prompt and step setting.", minimum=1)
+    compare_baseline: bool = setting(False, "Also run vanilla-sd and write comparison grids (baseline top, "
+                                            "few-step bottom).")
+    baseline_steps: int = setting(30, "Steps of baseline samplers.", minimum=1)
+    baseline_guidance: float = setting(7.5, "Guidance scale of baseline samplers.", minimum=0)
+    baseline_outdir: str | None = setting(None, "Folder for baseline images (default: OUTDIR/baseline).")
+    lora_path: str | None = setting(None, "Local LoRA folder or .safetensors file; takes precedence over --lora_id.")
+    lora_id: str | None = setting(None, "Hub LoRA id (default: jasperai/flash-sd on SD 1.5, the shipped LoRA on "
+                                        "embedded).")
+    model: str | None = setting(None, "sd15, sd15-arch (random weights, timing only), embedded, a hub id or a "
+                                      "diffusers folder (default: sd15 with CUDA, else embedded).")
+    dtype: str | None = setting(None, "Default: float16 on CUDA, float32 elsewhere.", choices=DTYPE_CHOICES)
+    device: str | None = setting(None, "cpu, cuda, cuda:N or mps (default: cuda when available).")
+    height: int | None = setting(None, "Image height in pixels, a multiple of 8.", minimum=8)
+    width: int | None = setting(None, "Image width in pixels, a multiple of 8.", minimum=8)
+    metrics: tuple[str, ...] = setting((), "Quality metric(s) scored on every measurement's images, outside the "
+                                           "timed region (several values or a repeated flag).", flags=("--metric",))
+    batch: int | None = setting(None, "Images per pipeline call (default: all --num_images in one call).",
+                                minimum=1)
+    overwrite: bool = setting(False, "Replace the records of an earlier run in --outdir.")
+    dry_run: bool = setting(False, "Print the plan as JSON and exit without loading models.")
+    as_json: bool = setting(False, "Print the records as JSON instead of the table.", flags=("--json",))
+    quiet: bool = setting(False, "No progress bar.", flags=("--quiet", "-q"))
+    html: bool = setting(False, "Also write OUTDIR/index.html: tables, grids, plots, configuration and environment "
+                                "on one self-contained page.")
+
+
+def default_of(options_class: type, name: str) -> Any:
+    """A setting's one default, for the places that need it outside the command line."""
+    return next(f.default for f in dataclasses.fields(options_class) if f.name == name)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything ``harness bench`` was asked to do, after option parsing; never changed by a run."""
+
+    samplers: tuple[str, ...]
+    steps: tuple[int, ...]
+    model: str
+    outdir: Path
+    prompts: tuple[str, ...] = ()  # none: the model's default prompt
+    num_images: int = default_of(BenchOptions, "num_images")
+    seed: int | None = None
+    baseline_steps: int = default_of(BenchOptions, "baseline_steps")
+    baseline_guidance: float = default_of(BenchOptions, "baseline_guidance")
+    baseline_outdir: Path | None = None
+    lora_path: str | None = None
+    lora_id: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    height: int | None = None
+    width: int | None = None
+    timing: timing.TimingSettings = field(default_factory=timing.TimingSettings)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    batch: int | None = None  # images per pipeline call; None: all --num_images in one call
+    sampler_options: Mapping[str, Options] = field(default_factory=dict)  # by sampler name
+    metrics: tuple[str, ...] = ()
+    metric_options: Mapping[str, Options] = field(default_factory=dict)  # by metric name
+
+    @property
+    def images_per_call(self) -> int:
+        return self.batch or self.num_images
+
+    def config_dict(self, seed: int | None, prompts: Sequence[str]) -> dict[str, Any]:
+        """The run configuration every record carries (flat, as README's Records table lists it)."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        config.update(
+            samplers=list(self.samplers), steps=list(self.steps), prompts=list(prompts), metrics=list(self.metrics),
+            seed=seed, outdir=str(self.outdir),
+            baseline_outdir=str(self.baseline_outdir) if self.baseline_outdir else None,
+            speed=dataclasses.asdict(self.speed),
+            sampler_options=_flat_options(self.sampler_options), metric_options=_flat_options(self.metric_options),
+        )
+        config.pop("timing")
+        config.update(dataclasses.asdict(self.timing))
+        return config
+
+
+def _flat_options(by_plugin: Mapping[str, Options]) -> dict[str, Any]:
+    """Every plugin's settings by option name (names are unique across plugins: the CLI enforces it)."""
+    return {name: value for options in by_plugin.values() for name, value in dataclasses.asdict(options).items()}
