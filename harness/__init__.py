@@ -39,7 +39,7 @@ _PUBLIC = {
     "CLEAN": "harness.training.diffusion", "EncodedDataset": "harness.training.diffusion",
     "LoraTrainer": "harness.training.lora", "LoraTrainConfig": "harness.training.lora",
     "lora_distance": "harness.training.lora",
-    "FINAL": "harness.training.checkpoints",
+    "FINAL": "harness.training.checkpoints", "EMA": "harness.training.ema",
     "find_examples": "harness.training.data", "centre_crop": "harness.training.data",
     "to_pixels": "harness.training.data",
     "LoraSource": "harness.models.loading", "resolve_lora": "harness.models.loading",
@@ -56,7 +56,7 @@ _PUBLIC = {
 _RENAMED = {"lora_distance": "distance"}
 
 __all__ = [  # what plugins, scripts and notebooks may use; tests/test_api.py checks every name resolves
-    "SHIPPED_LORA", "SHIPPED_MODEL", "TrainingRun", "json_objects",
+    "EMA", "SHIPPED_LORA", "SHIPPED_MODEL", "TrainingRun", "json_objects",
     "CLEAN", "DiffusersSampler", "EncodedDataset", "ExitCode", "FINAL", "FewStepLoraSampler", "GenerationRequest",
     "HarnessError", "LatentDiffusionTrainer", "LoraSource", "LoraTrainConfig", "LoraTrainer", "Measured", "Metric",
     "MetricConfig", "MetricInput", "NoiseSchedule", "Options", "PresetLoraSampler", "PresetOptions", "RECORDS_FILE",
@@ -108,6 +108,7 @@ if TYPE_CHECKING:
     from harness.training.config import TrainConfig
     from harness.training.data import centre_crop, find_examples, to_pixels
     from harness.training.diffusion import CLEAN, EncodedDataset, LatentDiffusionTrainer, NoiseSchedule
+    from harness.training.ema import EMA
     from harness.training.lora import LoraTrainConfig, LoraTrainer
     from harness.training.lora import distance as lora_distance
     from harness.training.trainer import StepReport, Trainer

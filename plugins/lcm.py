@@ -83,7 +83,7 @@ class LcmTrainer(LoraTrainer):
                                f"{train_timesteps} training timesteps.")
         # t_n+k = k, 2k, ..., N k, each minus one: the solver's last step starts at the schedule's final timestep.
         self.solver_timesteps = torch.arange(1, self.config.num_ddim_timesteps + 1, device=self.device) * self.skip - 1
-        self.ema: dict[str, torch.Tensor] | None = None  # name -> EMA of that LoRA tensor (--use_target_model)
+        self.ema = harness.EMA(self.config.ema_decay)  # of the LoRA tensors: the target with --use_target_model
         return unet
 
     def resolved_settings(self) -> dict:
@@ -102,25 +102,20 @@ class LcmTrainer(LoraTrainer):
 
     def _target_weights(self) -> dict[str, torch.Tensor]:
         """The EMA tensors; on first use (a new run) a copy of the student's weights, as LCM starts its target."""
-        if self.ema is None:
-            self.ema = {name: p.detach().clone() for name, p in self._lora().items()}
-        return self.ema
+        return self.ema.start(self._lora())
 
     def after_optimizer_step(self) -> None:
         if self.config.use_target_model:
-            weight = 1 - self.config.ema_decay
-            with torch.no_grad():
-                ema, lora = self._target_weights(), self._lora()
-                for name, average in ema.items():
-                    average.lerp_(lora[name], weight)  # decay * ema + (1 - decay) * lora
+            self.ema.update(self._lora())  # decay * ema + (1 - decay) * lora
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         if not self.config.use_target_model:
             return {}
-        return {f"ema.{name}": t for name, t in self._target_weights().items()}
+        self._target_weights()
+        return self.ema.state()
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        saved = {name.removeprefix("ema."): t for name, t in tensors.items()}
+        saved = self.ema.saved_averages(tensors)
         if not self.config.use_target_model:
             if saved:
                 raise HarnessError("the checkpoint was trained with --use_target_model (it holds EMA target "
@@ -130,7 +125,7 @@ class LcmTrainer(LoraTrainer):
         if saved.keys() != lora.keys() or any(saved[name].shape != p.shape for name, p in lora.items()):
             raise HarnessError("the checkpoint holds no EMA target for this LoRA (it was trained without "
                                "--use_target_model); resume without --use_target_model.")
-        self.ema = {name: saved[name].to(p.device, p.dtype) for name, p in lora.items()}
+        self.ema.load(tensors, lora)
 
     def _target_output(self, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The target network's output (call under torch.no_grad); the unwrapped UNet skips DDP's bookkeeping."""

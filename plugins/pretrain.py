@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -277,8 +277,7 @@ class PretrainTrainer(LatentDiffusionTrainer):
     weights_folder = "model"
 
     def train(self) -> Path:
-        self._ema: dict[str, torch.Tensor] = {}
-        self._ema_updates = 0
+        self._ema = harness.EMA(self.config.ema_decay, warmup=True)
         self._reliance_examples: dict[str, list[tuple[int, str]]] | None = None
         config = self.config
         vae_config = replace(config, run_name=f"{config.run_name}/{VAE_RUN}", max_steps=config.vae_steps,
@@ -363,52 +362,22 @@ class PretrainTrainer(LatentDiffusionTrainer):
         return ((name, p) for name, p in self.unwrapped_model.named_parameters() if p.requires_grad)
 
     def after_optimizer_step(self) -> None:
-        """One step of the weights' exponential moving average, its decay warmed up as (1 + n) / (10 + n) so
-        the first updates do not average in the initial weights for thousands of steps."""
-        if not self.config.ema_decay:
-            return
-        if not self._ema:
-            self._ema = {name: p.detach().clone() for name, p in self._trained_parameters()}
-        self._ema_updates += 1
-        decay = min(self.config.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
-        # One fused call over all tensors (torch's private foreach API, which its optimizers use): a Python loop
-        # launches a kernel per tensor, which bounds a small model's step on a GPU.
-        names, parameters = zip(*self._trained_parameters())
-        with torch.no_grad():
-            torch._foreach_lerp_([self._ema[name] for name in names], [p.detach() for p in parameters], 1 - decay)
+        if self.config.ema_decay:
+            self._ema.update(dict(self._trained_parameters()))
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        if not self._ema:
-            return {}
-        return {"ema_updates": torch.tensor(self._ema_updates),
-                **{f"ema.{name}": t.detach().cpu() for name, t in self._ema.items()}}
+        return self._ema.state()
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors and not self.config.ema_decay:
             return super().load_extra_state(tensors)  # refuses: this run would drop the average
         if tensors:
-            self._ema_updates = int(tensors["ema_updates"])
-            self._ema = {name[len("ema."):]: t.to(self.device)
-                         for name, t in tensors.items() if name.startswith("ema.")}
+            self._ema.load(tensors, dict(self._trained_parameters()))
         return None
 
-    @contextmanager
-    def _averaged_weights(self) -> Iterator[None]:
+    def _averaged_weights(self) -> AbstractContextManager[None]:
         """The moving average in place of the trained weights while the block runs (nothing without one)."""
-        if not self._ema:
-            yield
-            return
-        parameters = dict(self._trained_parameters())
-        trained = {name: p.detach().clone() for name, p in parameters.items()}
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                parameter.copy_(self._ema[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, parameter in parameters.items():
-                    parameter.copy_(trained[name])
+        return self._ema.swapped_into(dict(self._trained_parameters()))
 
     def _set_scaling_factor(self, dataset, samples: int = 512) -> None:
         """SD's recipe: scale latents to unit standard deviation, measured on the training images."""

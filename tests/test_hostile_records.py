@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from harness.records.training_run import CONFIG_FILE as TRAIN_CONFIG
+from harness.records.training_run import LOG_FILE as TRAIN_LOG
 from harness.reporting import leaderboard
-from harness.reporting.leaderboard import TRAIN_CONFIG, TRAIN_LOG
 from tests.conftest import invoke, make_record
 from tests.test_hostile_inputs import write_run
 

@@ -117,7 +117,7 @@ def test_overwrite_deletes_the_earlier_runs_tracker_files(run, tmp_path, shapes)
 
 
 @pytest.mark.parametrize("tracker, install", [
-    ("tensorboard", 'pip install "harness[train]" (or pip install tensorboard)'),
+    ("tensorboard", 'pip install "fewstep-harness[train]" (or pip install tensorboard)'),
     ("wandb", "pip install wandb"),
     ("mlflow", "pip install mlflow"),
 ])

@@ -9,7 +9,6 @@ gives the run back to the caller, which measures and reports.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from harness.errors import HarnessError
 from harness.models.speed import SpeedOptions
 from harness.options import build, click_options
 from harness.records import store as records
-from harness.records.rundir import FolderLock, Replacement, first_missing
+from harness.records.rundir import Replacement, RunFolder
 from harness.reporting import html as html_report
 
 if TYPE_CHECKING:
@@ -134,38 +133,32 @@ def prepared_run(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
     """The run, its folder locked (an earlier run moved aside with ``--overwrite``, or refused), every process in
     the process group; on leaving, the earlier run is restored if no sampler of the new one loaded, and the locks
     are released. ``notify`` receives what a user should read (a recovered folder, a kept earlier run)."""
-    lock = FolderLock(spec.outdir, "--outdir")
-    locks = [lock]
+    run_folder = RunFolder(spec.outdir, "--outdir", _bench_entries(registry, spec.outdir), notify)
+    folders = [run_folder]
     # Runs may share a --baseline_outdir: it gets its own lock, unless it is the run folder itself.
     if spec.baseline_outdir is not None and spec.baseline_outdir.resolve() != spec.outdir.resolve():
-        locks.append(FolderLock(spec.baseline_outdir, "--baseline_outdir", "baseline folder"))
-    replacement = Replacement(spec.outdir, _bench_entries(registry, spec.outdir))
+        folders.append(RunFolder(spec.baseline_outdir, "--baseline_outdir", (), notify, "baseline folder"))
 
     def start() -> BenchRun:
         # Resolves device and model first: a bad one leaves no empty folder behind.
         run = BenchRun(spec, registry, world=world)
         if world.is_main:
-            created = [first_missing(held.folder) for held in locks]
             try:
-                lock.acquire()  # held until this process ends the run: one run per folder
-                _prepare_outdir(spec.outdir, options.overwrite, replacement, notify)
+                run_folder.acquire()  # held until this process ends the run: one run per folder
+                _prepare_outdir(spec.outdir, options.overwrite, run_folder.replacement)
                 # After the move-aside: a baseline folder inside --outdir may have moved with the earlier run.
-                for held in locks[1:]:
-                    held.acquire()
+                for held in folders[1:]:
+                    held.lock.acquire()
                 if spec.baseline_outdir is not None:
                     _check_baseline_folder(run, spec.baseline_outdir, options.overwrite)
                 if options.html:
                     html_report.check_run_page(spec.outdir)  # before the run, not after it
             except BaseException:
-                if replacement.pending:
-                    replacement.restore()
-                for held in locks:
+                for held in folders:
                     held.release()
-                for folder in created:
-                    if folder is not None:
-                        shutil.rmtree(folder, ignore_errors=True)
+                    held.remove_created()
                 raise
-            run.on_loaded = replacement.commit  # the earlier run goes once the new one has a model
+            run.on_loaded = run_folder.replacement.commit  # the earlier run goes once the new one has a model
         return run
 
     with distributed.process_group(world):
@@ -173,10 +166,9 @@ def prepared_run(registry: Registry, spec: BenchSpec, options: BenchOptions, wor
         try:
             yield run
         finally:
-            if replacement.pending:  # not one sampler loaded: the earlier run stays
-                replacement.restore()
-                notify(f"The earlier run in '{spec.outdir}' was kept: no sampler of the new run loaded.")
-            for held in locks:
+            # Not one sampler loaded: the earlier run stays.
+            run_folder.release(kept=f"The earlier run in '{spec.outdir}' was kept: no sampler of the new run loaded.")
+            for held in folders[1:]:
                 held.release()
 
 
@@ -228,11 +220,8 @@ def _check_baseline_folder(run: BenchRun, folder: Path, overwrite: bool) -> None
                            "--baseline_outdir or add --overwrite to replace them.")
 
 
-def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement, notify: Callable[[str], None]) -> None:
+def _prepare_outdir(outdir: Path, overwrite: bool, replacement: Replacement) -> None:
     """Refuse a folder that holds a run (or move that run aside with --overwrite) and check it is writable."""
-    notice = replacement.recover()
-    if notice is not None:
-        notify(notice)
     existing = outdir / records.RECORDS_FILE
     if existing.exists() or existing.is_symlink():
         if not overwrite:

@@ -7,10 +7,14 @@
 - :class:`Replacement` moves an earlier run's files into a hidden ``FOLDER/.replaced-run`` instead of
   deleting them. :meth:`Replacement.commit` deletes them once the new run has loaded its model; until then
   (a model that fails to load, Ctrl-C, a crash) :meth:`Replacement.restore` puts them back.
+- :class:`RunFolder` is the life of one run's folder, the same for ``harness bench`` and ``harness train``:
+  lock it and recover what an interrupted run left aside; at the end put an earlier run back if the new one
+  never committed, release the lock, and remove the folders the run created if it wrote nothing there.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shutil
@@ -141,3 +145,56 @@ class Replacement:
             entry.rename(self.folder / entry.name)
         self.aside.rmdir()
         self.pending = False
+
+
+class RunFolder:
+    """One run's folder from lock to release (``harness bench`` and ``harness train`` alike).
+
+    ``owned`` names the entries a run writes (what ``--overwrite`` moves aside); ``notify`` receives the lines a
+    user should read. Call :meth:`acquire` in the process that writes (the main one), then ``replacement``
+    moves an earlier run aside or commits; :meth:`release` ends it, whatever happened.
+    """
+
+    def __init__(self, folder: Path, option: str, owned: Collection[str] | Callable[[str], bool],
+                 notify: Callable[[str], None], kind: str = "output folder"):
+        self.folder = Path(folder)
+        self.lock = FolderLock(self.folder, option, kind)
+        self.replacement = Replacement(self.folder, owned)
+        self.created = first_missing(self.folder)  # the outermost folder this run makes, if any
+        self.notify = notify
+
+    def acquire(self) -> RunFolder:
+        """Lock the folder (one run at a time) and put back an earlier run an interrupted one left aside."""
+        self.lock.acquire()
+        notice = self.replacement.recover()
+        if notice is not None:
+            self.notify(notice)
+        return self
+
+    def release(self, kept: str | None = None) -> None:
+        """Put an earlier run back if the new one never committed (saying ``kept`` when given), then unlock."""
+        if self.replacement.pending:
+            self.replacement.restore()
+            if kept is not None:
+                self.notify(kept)
+        self.lock.release()
+
+    def remove_created(self) -> None:
+        """Remove the folders this run created, with whatever it wrote: it could not start."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def remove_if_empty(self) -> None:
+        """Remove the run folder and its parents up to the first one this run created while they are empty:
+        a run that wrote nothing leaves no empty folder behind, and one that wrote something keeps it."""
+        if self.created is None:
+            return
+        for path in (self.folder, *self.folder.parents):
+            try:
+                path.rmdir()
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return  # it holds something: it and the folders above it stay
+                # never made (gone, or a name the system refuses): its parent may still be this run's, and empty
+            if path == self.created:
+                return

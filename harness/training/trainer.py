@@ -32,12 +32,9 @@ under ``RUN/trackers``). Only the main process writes files, and it holds the ru
 from __future__ import annotations
 
 import abc
-import errno
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -46,21 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import numpy as np
 import torch
 from PIL import Image
 
 from harness.errors import HarnessError, one_line
 from harness.records import files
 from harness.records.environment import environment
-from harness.records.rundir import FolderLock, Replacement, first_missing
+from harness.records.rundir import Replacement, RunFolder
 from harness.records.training_run import CONFIG_FILE, LOG_FILE, TRACKERS_FOLDER, VALIDATION_FOLDER, logged_step
 from harness.reporting import report
-from harness.training import checkpoints
+from harness.training import checkpoints, trackers
 from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.config import TrainConfig
 from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_examples
-from harness.training.trackers import TRACKER_FIX, TRACKER_INSTALL, flat_config, resolve_report_to
+from harness.training.trackers import TRACKER_INSTALL, resolve_report_to
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -69,50 +65,8 @@ if TYPE_CHECKING:
 RUN_FOLDER_OPTION = "--output_dir/--run_name"
 # Signs of a failed CPU allocation in torch's RuntimeError (Linux and Windows wording).
 CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
-def _remove_new_files(folder: Path, existing: set[Path], created: Path | None) -> None:
-    """Delete what appeared in ``folder`` since ``existing`` was listed, or the outermost folder ``created``
-    for it, so a tracker that failed to start leaves the run folder byte for byte as it was."""
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-        return
-    for path in sorted(set(folder.rglob("*")) - existing, key=lambda path: len(path.parts)):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _remove_empty_folders(folder: Path, outermost: Path | None) -> None:
-    """Remove ``folder`` and its parents up to ``outermost`` (the first one this run created) while they are empty:
-    a run that wrote nothing leaves no empty run folder behind, and one that wrote something keeps it."""
-    if outermost is None:
-        return
-    for path in (folder, *folder.parents):
-        try:
-            path.rmdir()
-        except OSError as error:
-            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return  # it holds something: it and the folders above it stay
-            # never made (gone, or a name the system refuses): its parent may still be this run's, and empty
-        if path == outermost:
-            return
-
-
 def _cpu_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(sign in str(error) for sign in CPU_OUT_OF_MEMORY)
-
-
-def _mlflow_server() -> bool:
-    """Whether the user points mlflow at a store of their own; else harness keeps its runs in RUN/trackers."""
-    return "MLFLOW_TRACKING_URI" in os.environ
-
-
-def _started(tracker) -> bool:
-    """Whether a tracker's start() ran: accelerate's trackers make their run object (``.tracker``) there."""
-    try:
-        return tracker.tracker is not None
-    except AttributeError:
-        return False
 
 
 @dataclass
@@ -300,32 +254,24 @@ class Trainer(abc.ABC):
         when the new run ends before its first step, or found left there by such a run that was killed."""
         from accelerate.utils import broadcast_object_list
 
-        lock = FolderLock(self.run_dir, RUN_FOLDER_OPTION)
-        replacement = Replacement(self.run_dir, (self.weights_folder, VALIDATION_FOLDER, TRACKERS_FOLDER,
-                                                 LOG_FILE, CONFIG_FILE))
-        created = first_missing(self.run_dir)
+        folder = RunFolder(self.run_dir, RUN_FOLDER_OPTION, (self.weights_folder, VALIDATION_FOLDER, TRACKERS_FOLDER,
+                                                              LOG_FILE, CONFIG_FILE), self.notify)
         problem = None
         if self.is_main:
             try:
-                lock.acquire()
-                notice = replacement.recover()
-                if notice is not None:
-                    self.notify(notice)
+                folder.acquire()
             except HarnessError as error:
                 problem = error.message
         problem = broadcast_object_list([problem])[0]  # every process waits here until the folder is settled
         try:
             if problem is not None:
                 raise HarnessError(problem)
-            yield replacement
+            yield folder.replacement
         finally:
-            if replacement.pending:
-                replacement.restore()
-                self.notify(f"The earlier run in '{self.run_dir}' was kept: the new run stopped before its first "
-                            "step.")
-            lock.release()
+            folder.release(kept=f"The earlier run in '{self.run_dir}' was kept: the new run stopped before its "
+                                "first step.")
             if self.is_main:
-                _remove_empty_folders(self.run_dir, created)
+                folder.remove_if_empty()
 
     def _train_steps(self, run: RunState, dataset: torch.utils.data.Dataset[Any]) -> None:
         """The optimizer steps from where ``run`` stands to --max_steps, with logs, checkpoints and validation."""
@@ -461,18 +407,8 @@ class Trainer(abc.ABC):
         return self.config.tracker_project_name or Path(self.config.run_name).parts[0]
 
     def _make_trackers(self) -> list[Any]:
-        """accelerate's trackers for --report_to, built here so every local file lands in RUN/trackers: accelerate
-        would name tensorboard's folder after the project, and wandb and mlflow default to the working folder."""
-        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
-
-        folder, run_name, project = self.run_dir / TRACKERS_FOLDER, self.config.run_name, self.tracker_project
-        artifacts = None if _mlflow_server() else str(folder.resolve() / "mlartifacts")
-        build = {
-            "tensorboard": lambda: TensorBoardTracker("tensorboard", folder),
-            "wandb": lambda: WandBTracker(project, name=run_name, dir=str(folder)),
-            "mlflow": lambda: MLflowTracker(project, logging_dir=artifacts, run_name=run_name),
-        }
-        return [build[name]() for name in self.tracker_names]
+        return trackers.build(self.tracker_names, self.run_dir / TRACKERS_FOLDER, self.config.run_name,
+                              self.tracker_project)
 
     def _start_trackers(self, document: dict[str, Any] | None, step: int) -> None:
         """Start the trackers with the config (on the main process, as accelerate does). One that cannot start
@@ -484,48 +420,14 @@ class Trainer(abc.ABC):
         problem = None
         if self.is_main:
             assert document is not None  # the main process builds it
-            folder = self.run_dir / TRACKERS_FOLDER
-            created = next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
-            existing = set(folder.rglob("*"))
-            folder.mkdir(parents=True, exist_ok=True)  # wandb writes to a temporary folder when its dir is missing
-            try:
-                if "mlflow" in self.tracker_names and not _mlflow_server():
-                    import mlflow
-
-                    # mlflow's default store is in the working folder, and its file store refuses to start.
-                    mlflow.set_tracking_uri(f"sqlite:///{folder.resolve() / 'mlflow.db'}")
-                # The trackers were built with their folders and names; init_trackers starts them.
-                self.accelerator.init_trackers(self.tracker_project, config=flat_config(document))
-            except Exception as error:  # noqa: BLE001 - a tracker's own failure: no login, no network, a bad URI, ...
-                # The first tracker that did not start failed; with none listed yet, mlflow's set-up did.
-                trackers = self.accelerator.trackers
-                failed = next(
-                    (t.name for t in trackers if not _started(t)), self.config.report_to if trackers else "mlflow"
-                )
-                self._finish_trackers()
-                _remove_new_files(folder, existing, created)
-                reason, fix = one_line(error).rstrip("."), TRACKER_FIX.get(failed, "fix what it reports")
-                problem = (
-                    f"--report_to {failed} could not start: {reason}; {fix}, or train without it (--report_to none)."
-                )
-            else:
-                for tracker in self.accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        # Its hparams land in a sub-run of their own, so the whole config also sits beside the
-                        # curves, indented four spaces: a code block in tensorboard's markdown.
-                        lines = json.dumps(document, indent=2, default=str).splitlines()
-                        tracker.log({"config": "\n".join("    " + line for line in lines)}, step=step)
+            problem = trackers.start(self.accelerator, self.tracker_names, self.run_dir / TRACKERS_FOLDER,
+                                     self.tracker_project, document, step, self.config.report_to)
         problem = broadcast_object_list([problem])[0]
         if problem is not None:
             raise HarnessError(problem)
 
     def _finish_trackers(self) -> None:
-        """Flush and close the trackers that started. Not accelerator.end_training(): it also destroys the
-        process group, which pretrain's next stage still uses."""
-        for tracker in self.accelerator.trackers:
-            if _started(tracker):
-                tracker.finish()
-        self.accelerator.trackers.clear()
+        trackers.finish(self.accelerator)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         """Send numbers to the --report_to trackers at an optimizer step, e.g. a trainer's own evaluation (main
@@ -728,18 +630,5 @@ class Trainer(abc.ABC):
                 folder.mkdir(parents=True, exist_ok=True)
                 grid, path = report.comparison_grid(rows), folder / f"step-{step:06d}.png"
                 files.save_image_atomic(grid, path)
-                self._log_grid(grid, path, step)
+                trackers.log_grid(self.accelerator, grid, path, step, VALIDATION_FOLDER)
         self.accelerator.wait_for_everyone()
-
-    def _log_grid(self, grid: Image.Image, path: Path, step: int) -> None:
-        """A validation grid to every tracker, each in the form it takes: tensorboard an array, wandb an image,
-        mlflow the written file."""
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images(
-                    {VALIDATION_FOLDER: np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
-                )
-            elif tracker.name == "wandb":
-                tracker.log_images({VALIDATION_FOLDER: [grid]}, step=step)
-            elif tracker.name == "mlflow":
-                tracker.log_artifact(str(path), artifact_path=VALIDATION_FOLDER)
