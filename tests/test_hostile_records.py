@@ -15,6 +15,7 @@ from PIL import Image
 from harness.records.training_run import CONFIG_FILE as TRAIN_CONFIG
 from harness.records.training_run import LOG_FILE as TRAIN_LOG
 from harness.reporting import leaderboard
+from harness.reporting import runs as run_folders
 from tests.conftest import invoke, make_record
 from tests.test_hostile_inputs import write_run
 
@@ -208,10 +209,10 @@ def test_a_run_folder_name_that_is_not_utf8_is_shown_escaped(tmp_path):
     assert invoke("report", odd, "--html").exit_code == 0
     assert "<h1>harness run odd\\udcff</h1>" in (odd / "index.html").read_text(encoding="utf-8")
 
-    runs = leaderboard.load_runs([plain, odd], print)
+    runs = run_folders.load_runs([plain, odd], print)
     board = leaderboard.build_leaderboard(runs, "psnr")
     assert [row.label for row in board.rows] == ["flash-lcm [odd\udcff]", "flash-lcm [plain]"]
-    written = leaderboard.write_leaderboard(tmp_path / "board", board, leaderboard.title(runs))
+    written = leaderboard.write_leaderboard(tmp_path / "board", board, run_folders.title(runs))
     assert [path.name for path in written] == ["leaderboard.json", "leaderboard.md", "leaderboard.png"]
     assert "[odd\\udcff]" in (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
 

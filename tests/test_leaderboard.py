@@ -13,14 +13,9 @@ from PIL import Image
 
 from harness.records.training_run import CONFIG_FILE as TRAIN_CONFIG
 from harness.records.training_run import LOG_FILE as TRAIN_LOG
-from harness.reporting.leaderboard import (
-    LEADERBOARD_JSON,
-    LEADERBOARD_MD,
-    LEADERBOARD_PLOT,
-    build_leaderboard,
-    load_runs,
-    lora_name,
-)
+from harness.reporting.leaderboard import LEADERBOARD_JSON, LEADERBOARD_MD, LEADERBOARD_PLOT, build_leaderboard
+from harness.reporting.runs import load_runs
+from harness.reporting.training_cost import lora_name
 from tests.conftest import invoke, make_record
 from tests.test_compare import write_run
 

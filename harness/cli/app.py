@@ -20,6 +20,8 @@ from harness.benchmark.plan import plan
 from harness.benchmark.runner import BenchRun
 from harness.benchmark.spec import BenchOptions, BenchSpec
 from harness.benchmark.timing import TimingSettings
+from harness.cli.compare import compare_command
+from harness.cli.leaderboard import leaderboard_command
 from harness.cli.support import MultiValueCommand, click_errors
 from harness.cli.train import train
 from harness.errors import ExitCode, HarnessError
@@ -30,8 +32,6 @@ from harness.options import build, click_options, multi_value_flags
 from harness.records import store as records
 from harness.reporting import html as html_report
 from harness.reporting import report
-from harness.reporting.compare import compare_command
-from harness.reporting.leaderboard import leaderboard_command
 from harness.version import __version__
 
 

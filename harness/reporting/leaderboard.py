@@ -12,73 +12,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
 from tabulate import tabulate
 
 from harness.errors import HarnessError
 from harness.records.files import write_folder_atomic, write_text_atomic
-from harness.records.schema import Measured, Record, successful
-from harness.records.store import RECORDS_FILE, read_records
-from harness.records.training_run import TrainingRun
+from harness.records.schema import Measured, successful
+from harness.records.store import RECORDS_FILE
 
 if TYPE_CHECKING:
     from harness.reporting.plots import QualitySeries
+from harness.reporting.runs import Run, check_comparable, lora_location, short_text
+from harness.reporting.training_cost import TrainingCost, lora_name, training_cost
 
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_JSON = "leaderboard.json"
 LEADERBOARD_PLOT = "leaderboard.png"
-# What harness.training.trainer writes into a training run folder (not imported: it pulls in accelerate).
-# A LoRA lies at RUN/lora/final or RUN/lora/checkpoint-N: its training run is at most this many folders up.
-RUN_FOLDER_LEVELS = 2
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-_FINAL = "final"
-
-
-@dataclass(frozen=True)
-class Run:
-    """One input: the path as given and its records."""
-
-    path: Path
-    records: list[Record]
-
-    @property
-    def folder(self) -> Path:
-        return self.path.parent if self.path.name == RECORDS_FILE and not self.path.is_dir() else self.path
-
-
-@dataclass(frozen=True)
-class TrainingCost:
-    """What the ``harness train`` run behind a LoRA cost, up to the checkpoint the LoRA is."""
-
-    run_dir: str
-    trainer: str | None
-    steps: int | None  # optimizer steps
-    seconds: float | None  # training time (train_log.jsonl's ``seconds``, across resumes)
-
-    @property
-    def minutes(self) -> float | None:
-        return None if self.seconds is None else self.seconds / 60
-
-    @property
-    def steps_per_s(self) -> float | None:
-        if self.steps is None or not self.seconds:
-            return None
-        return self.steps / self.seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, "trainer": self.trainer, "steps": self.steps, "seconds": self.seconds,
-                "minutes": self.minutes, "steps_per_s": self.steps_per_s}
-
-
 @dataclass
 class Row:
     """One (entry, steps) measurement on the leaderboard."""
@@ -186,166 +142,6 @@ def _number(value: float | None, form: str = "{:.4g}") -> str:
     return "" if value is None else form.format(value)
 
 
-def load_runs(paths: Sequence[Path], on_warning: Callable[[str], None]) -> list[Run]:
-    """Every run's records (a line that is not a record is skipped through ``on_warning``), refused in one line
-    when a run is given twice, holds no record, or measures the same thing twice."""
-    runs: list[Run] = []
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        records = read_records(path, on_skip=on_warning)
-        run = Run(Path(path), records)
-        key = run.folder.resolve()
-        if key in seen:
-            raise HarnessError(f"'{path}' is the same run as '{seen[key]}'; pass each run folder once.")
-        seen[key] = run.path
-        if not records:
-            raise HarnessError(f"'{path}' holds no records; pass the folder of a finished `harness eval` or "
-                               "`harness bench` run.")
-        keys: set[tuple[str, str | None, int, float]] = set()
-        for record, measured in successful(records):
-            measurement = (record.sampler, lora_location(measured), record.steps, record.guidance_scale)
-            if measurement in keys:
-                raise HarnessError(f"'{path}' measures {record.sampler} at {record.steps} steps twice; pass one "
-                                   "run per folder, not the records of several runs joined.")
-            keys.add(measurement)
-        runs.append(run)
-    return runs
-
-
-def _draws(record: Record) -> tuple[Any, Any, Any]:
-    """What fixes the images a measurement scores: the prompts, the seed and the images per prompt (image i of
-    prompt p draws from seed + p * num_images + i)."""
-    config = record.config
-    return config.get("prompts"), config.get("seed"), config.get("num_images")
-
-
-def check_comparable(runs: Sequence[Run]) -> None:
-    """Refuse runs that scored other prompts or seeds than the first run: their metric values differ by more
-    than the sampler."""
-    first_run = runs[0]
-    reference = _draws(first_run.records[0])
-    for run in runs:
-        for record in run.records:
-            draws = _draws(record)
-            if draws != reference:
-                raise HarnessError(f"runs '{first_run.path}' and '{run.path}' did not score the same prompts and "
-                                   f"seeds ({_difference(reference, draws)}); rerun '{run.path}' with the --prompts, "
-                                   f"--seed and --num_images of '{first_run.path}'.")
-
-
-def _difference(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> str:
-    (a_prompts, a_seed, a_images), (b_prompts, b_seed, b_images) = a, b
-    if a_prompts != b_prompts:
-        if not isinstance(a_prompts, list) or not isinstance(b_prompts, list) or len(a_prompts) != len(b_prompts):
-            return f"{_count(a_prompts)} against {_count(b_prompts)} prompts"
-        index = next(i for i, (x, y) in enumerate(zip(a_prompts, b_prompts)) if x != y)
-        return f"prompt {index + 1}: {_short(a_prompts[index])} against {_short(b_prompts[index])}"
-    if a_seed != b_seed:
-        return f"seed {a_seed} against {b_seed}"
-    return f"{a_images} against {b_images} image(s) per prompt"
-
-
-def _count(prompts: Any) -> str:
-    return str(len(prompts)) if isinstance(prompts, list) else "no recorded"
-
-
-def _short(text: Any) -> str:
-    shown = repr(text)
-    return shown if len(shown) <= 40 else shown[:37] + "..."
-
-
-def setup_warning(runs: Sequence[Run]) -> str | None:
-    """One line when the runs differ in model, device, dtype or image size: the rows then differ by that too."""
-    setups: dict[str, str] = {}
-    for run in runs:
-        for record, measured in successful(run.records):
-            width, height = measured.image_size
-            setup = (f"{record.config.get('model')} on {record.environment.get('device_name')} "
-                     f"({record.environment.get('dtype')}), {width}x{height}")
-            setups.setdefault(setup, str(run.path))
-    if len(setups) < 2:
-        return None
-    described = "; ".join(f"'{run}' {setup}" for setup, run in setups.items())
-    return f"warning: the runs differ in model, device, dtype or image size ({described}); the rows differ by that too."
-
-
-def title(runs: Sequence[Run]) -> str:
-    record, measured = next(pair for run in runs for pair in successful(run.records))
-    width, height = measured.image_size
-    return (f"{record.config.get('model')} on {record.environment.get('device_name')} "
-            f"({record.environment.get('dtype')}), {width}x{height}")
-
-
-def lora_location(measured: Measured) -> str | None:
-    """Where the measurement's LoRA was loaded from (a folder, a folder/file or a hub id), or None without one."""
-    lora = measured.sampler_info.get("lora")
-    return lora if isinstance(lora, str) and lora else None
-
-
-def _lora_folder(location: str) -> PurePath:
-    path = PurePath(location)
-    return path.parent if path.suffix == ".safetensors" else path
-
-
-def lora_name(location: str) -> str:
-    """A short name for a LoRA: RUN for ``.../RUN/lora/final``, ``RUN checkpoint-N`` for a checkpoint of it,
-    else the last part of the path or hub id."""
-    path = _lora_folder(location)
-    if (path.name == _FINAL or _CHECKPOINT.fullmatch(path.name)) and len(path.parts) >= 3:
-        run = path.parent.parent.name
-        return run if path.name == _FINAL else f"{run} {path.name}"
-    return path.name or location
-
-
-def _candidates(location: str, run: Run) -> list[Path]:
-    """Where a LoRA location from a record may be now: as written, and, for a relative one, also from the folder
-    the run was started in (found by taking the run's recorded --outdir off the run folder's path)."""
-    path = Path(location).expanduser()
-    found = [path]
-    outdir = next((record.config.get("outdir") for record in run.records), None)
-    if not path.is_absolute() and isinstance(outdir, str) and not Path(outdir).is_absolute():
-        folder = run.folder.resolve()
-        parts = Path(outdir).parts
-        if parts and folder.parts[-len(parts):] == parts:
-            found.append(Path(*folder.parts[:-len(parts)]) / path)
-    return found
-
-
-def find_training_run(location: str, run: Run) -> Path | None:
-    """The ``harness train`` run folder a LoRA lies in (it holds train_log.jsonl, or a config.json naming a
-    trainer), looking at most RUN_FOLDER_LEVELS folders up from the LoRA's own; None when there is none."""
-    try:
-        for candidate in _candidates(location, run):
-            folder = candidate.parent if candidate.suffix == ".safetensors" else candidate
-            if not folder.is_dir():
-                continue
-            for level in (folder, *folder.parents[:RUN_FOLDER_LEVELS]):
-                if TrainingRun.holds_run(level):
-                    return level
-    except (OSError, RuntimeError):  # a location no folder can have: a name too long, '~user' of no user
-        pass
-    return None
-
-
-def training_cost(location: str, run: Run) -> TrainingCost | None:
-    """The cost of the training run behind a LoRA: up to its checkpoint-N, or the whole run for ``final``."""
-    folder = find_training_run(location, run)
-    if folder is None:
-        return None
-    logged = TrainingRun(folder).step_seconds()
-    checkpoint = _CHECKPOINT.fullmatch(_lora_folder(location).name)
-    steps: int | None
-    seconds: float | None
-    if checkpoint is not None:
-        steps = int(checkpoint.group(1))
-        seconds = next((s for step, s in reversed(logged) if step == steps), None)
-    elif logged:
-        steps, seconds = logged[-1]
-    else:
-        steps, seconds = None, None
-    return TrainingCost(str(folder), TrainingRun(folder).trainer(), steps, seconds)
-
-
 def metric_value(measured: Measured, name: str) -> float | None:
     """A metric's number, or None when the record has none (it failed, was skipped, or is not a finite number
     or infinity: NaN ranks nowhere)."""
@@ -368,7 +164,7 @@ def choose_metric(runs: Sequence[Run], metric: str | None) -> tuple[str, bool]:
     elif metric not in scored:
         notes = [str(result.get("error") or result.get("skipped")) for measured in measured_all
                  for result in [measured.metrics.get(metric, {})] if "error" in result or "skipped" in result]
-        why = f" (e.g. {_short(notes[0])})" if notes else ""
+        why = f" (e.g. {short_text(notes[0])})" if notes else ""
         fix = (f"they have {', '.join(scored)}: pass one of those to --metric, or evaluate the runs with --metric "
                f"{metric}." if scored else
                f"evaluate the runs with --metric {metric} (they have no metric value at all).")
@@ -535,46 +331,3 @@ def write_leaderboard(outdir: Path, board: Leaderboard, plot_title: str) -> list
                            "pass a writable --outdir.") from None
 
 
-LEADERBOARD_HELP = """Rank the samplers and LoRAs of several runs by a quality metric, beside their latency.
-
-RUN_DIR... are folders of `harness eval` or `harness bench` runs (or their records.jsonl) scored with the
-same --metric on the same prompts and seeds (--prompts, --seed, --num_images); runs that differ are refused.
-Every successful measurement is a row: the entry (the sampler, plus its LoRA's name: RUN for a LoRA at
-.../RUN/lora/final), steps, guidance, median seconds per image, the metric and every other metric the records
-hold, the rank by the metric among the rows of the same step count (1 = best), whether the row is on the
-Pareto front of quality against seconds per image, and, for a LoRA that `harness train` wrote, the optimizer
-steps, minutes and steps/s its training took. A baseline that several runs measured (each `harness eval`
-measures one) is shown once, from the first run given that has it, on top.
-
-Writes leaderboard.md, leaderboard.json and leaderboard.png (the metric against seconds per image, one line
-per entry across step counts, the Pareto front in red) into --outdir, and prints the table.
-
-\b
-Example:
-  harness eval --lora_path checkpoints/distill/lora/final --steps 1 2 4 8 --metric fidelity --outdir runs/distill
-  harness leaderboard runs/teacher runs/distill runs/lcm runs/flash --metric fidelity"""
-
-
-@click.command(name="leaderboard", help=LEADERBOARD_HELP)
-@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--metric", metavar="NAME",
-              help="The metric to rank by (default: the first one the records have values for).")
-@click.option("--label", "labels", metavar="RUN_DIR=NAME", multiple=True,
-              help="Name the few-step entries of one run (of a run with baselines only, its baselines): their "
-                   "rows read 'SAMPLER (NAME)' instead of 'SAMPLER (LORA NAME)'. Repeatable.")
-@click.option("--outdir", type=click.Path(path_type=Path), metavar="DIR",
-              help="Where the three files go (default: results/<UTC time>-leaderboard).")
-def leaderboard_command(run_dirs: tuple[Path, ...], metric: str | None, labels: tuple[str, ...],
-                        outdir: Path | None) -> None:
-    def warn(problem: str) -> None:
-        click.echo(f"Warning: {problem}", err=True)
-
-    runs = load_runs(run_dirs, warn)
-    board = build_leaderboard(runs, metric, parse_labels(labels, runs), warn)
-    warning = setup_warning(runs)
-    if warning:
-        click.echo(warning, err=True)
-    outdir = outdir if outdir is not None else default_outdir()
-    write_leaderboard(outdir, board, title(runs))
-    click.echo(board.table())
-    click.echo(f"\n{LEADERBOARD_MD}, {LEADERBOARD_JSON} and {LEADERBOARD_PLOT} in {outdir}", err=True)
