@@ -14,6 +14,18 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where torch sees a CUDA device and are skipped, saying so, elsewhere."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA: torch sees no CUDA device on this machine"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def harness_home(tmp_path_factory):
     """Every test (and every subprocess it starts) uses one private HARNESS_HOME and HF cache."""

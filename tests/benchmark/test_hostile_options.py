@@ -23,7 +23,7 @@ from harness.models import loading as models
 from harness.training.data import Examples, ImageCaptionDataset, find_examples
 from harness.training.trainer import Trainer
 from tests.conftest import invoke
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 FAST = ("--model", "embedded", "--teacher_steps", "2", "--student_steps", "2", "--grad_accum", "1", "--seed", "3",
         "--max_steps", "1")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import load_script, make_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from harness.lab.dataset import write_dataset
 from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples, swap
 from harness.models.embedded import embedded_model
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "caption_reliance.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "caption_reliance.py"
 
 
 @pytest.mark.parametrize("attribute", ATTRIBUTES)

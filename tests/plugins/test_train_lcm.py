@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import invoke, record_json
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 # Real training, several processes or a real model per test: not part of the fast subset.
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from harness.records.schema import (
 from harness.records.store import append_record, read_records
 from tests.conftest import make_record
 
-RECORDS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "records.md"
+RECORDS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "records.md"
 
 
 def names(cls) -> set[str]:

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from harness.reporting.plots import LATENCY_PLOT, latency_series, needs_log_scale, write_latency_plot
-from tests.test_compare import make_record, run_records
+from tests.reporting.test_compare import make_record, run_records
 
 RUN = [*run_records(), make_record("flash-lcm", 8, 0.4), make_record("flash-lcm", 1, error="out of memory")]
 

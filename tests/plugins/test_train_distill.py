@@ -14,7 +14,7 @@ from harness.lab.dataset import write_dataset
 from harness.lab.scenes import held_out_prompts
 from harness.reporting.report import GAP, LABEL_HEIGHT, MIN_TILE
 from tests.conftest import invoke, record_json
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 # Real training, several processes or a real model per test: not part of the fast subset.
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from harness.reporting.leaderboard import LEADERBOARD_JSON, LEADERBOARD_MD, LEAD
 from harness.reporting.runs import load_runs
 from harness.reporting.training_cost import lora_name
 from tests.conftest import invoke, make_record
-from tests.test_compare import write_run
+from tests.reporting.test_compare import write_run
 
 CONFIG = {"model": "embedded", "prompts": ["a red circle", "two blue squares"], "num_images": 2, "seed": 42,
           "warmup": 0, "repeats": 3}

@@ -31,7 +31,7 @@ from harness.training import checkpoints
 from harness.training.checkpoints import CheckpointError, TrainingState
 from harness.training.data import Examples, ImageCaptionDataset, find_examples
 from tests.conftest import invoke
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 FAST = ("--model", "embedded", "--teacher_steps", "2", "--student_steps", "2", "--grad_accum", "1", "--seed", "3",
         "--checkpointing_steps", "2")

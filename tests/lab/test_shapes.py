@@ -1,6 +1,6 @@
 """The closed shapes grammar and its data set (harness.lab.shapes), the judge on it, `harness data shapes`.
 
-The open grammar (the default data set) is tested in tests/test_scenes.py, the judge in tests/test_judge.py.
+The open grammar (the default data set) is tested in tests/lab/test_scenes.py, the judge in tests/lab/test_judge.py.
 """
 
 import errno
@@ -196,7 +196,7 @@ def test_dataset_goes_into_an_empty_folder_but_not_a_full_one(tmp_path):
         write_dataset(tmp_path / "empty", n=2, seed=0, resolution=32)
 
 
-# The judge on closed captions (its thresholds are fixed in tests/test_judge.py)
+# The judge on closed captions (its thresholds are fixed in tests/lab/test_judge.py)
 
 
 @pytest.fixture(scope="module")

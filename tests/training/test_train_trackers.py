@@ -15,8 +15,8 @@ from harness.errors import HarnessError
 from harness.lab.dataset import write_dataset
 from harness.training import trackers
 from tests.conftest import invoke
-from tests.test_train_data import write_shapes
-from tests.test_train_pretrain import TINY
+from tests.plugins.test_train_pretrain import TINY
+from tests.training.test_train_data import write_shapes
 
 STEPS = 3
 # Three steps, a checkpoint at step 2, one validation grid (at the last step), a schedule whose lr moves.

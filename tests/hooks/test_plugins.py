@@ -12,7 +12,7 @@ import pytest
 from harness.hooks.registry import Registry
 from tests.conftest import invoke, record_json
 
-SAMPLER_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "samplers.md"
+SAMPLER_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins" / "samplers.md"
 
 
 def guide_plugin_source() -> str:

@@ -5,7 +5,7 @@ import torch
 from harness_plugins.distill import DistillTrainer
 
 from tests.conftest import invoke
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 FAST = ("--model", "embedded", "--teacher_steps", "2", "--student_steps", "2", "--grad_accum", "1", "--seed", "3",
         "--checkpointing_steps", "2")

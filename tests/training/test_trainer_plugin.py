@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from harness.hooks.registry import get_registry
 from tests.conftest import invoke, record_json
 
-TRAINER_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "trainers.md"
+TRAINER_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins" / "trainers.md"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

@@ -21,7 +21,7 @@ FAST = ("--warmup", "0", "--repeats", "1", "--quiet")
 # At 20 steps and guidance 7.5 DPM-Solver++(2M) oscillates on a few of this tiny model's prompts (DDIM at 20
 # steps: 47.5 / 47.4), hence the lower floor there.
 PSNR_FLOORS_DB = {20: (28.0, 27.0), 25: (36.0, 40.0)}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Captions of the embedded model's shapes grammar, for the dpm-solver vs vanilla-sd comparison.
 SHAPES_PROMPTS = (

@@ -13,7 +13,7 @@ from harness.lab.dataset import write_dataset
 from harness.models import embedded
 from tests.conftest import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "pretrain_sweep.py"
 # Tiny runs on the shipped VAE (no VAE stage): the sweep's calibration, sizing and logs, not the quality.
 SHARED = ("--vae_decoder_steps", "0", "--batch_size", "4", "--unet_channels", "32", "32", "--text_width", "16",

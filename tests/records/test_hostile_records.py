@@ -16,8 +16,8 @@ from harness.records.training_run import CONFIG_FILE as TRAIN_CONFIG
 from harness.records.training_run import LOG_FILE as TRAIN_LOG
 from harness.reporting import leaderboard
 from harness.reporting import runs as run_folders
+from tests.benchmark.test_hostile_inputs import write_run
 from tests.conftest import invoke, make_record
-from tests.test_hostile_inputs import write_run
 
 CONFIG = {"model": "embedded", "prompts": ["a cat"], "num_images": 1, "seed": 42, "warmup": 0, "repeats": 5}
 

@@ -10,12 +10,12 @@ import pytest
 from safetensors import safe_open
 
 from tests.conftest import record_json
-from tests.test_train_data import write_shapes
+from tests.training.test_train_data import write_shapes
 
 # Real training, several processes or a real model per test: not part of the fast subset.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ("--model", "embedded", "--teacher_steps", "2", "--seed", "1")
 
 

@@ -19,7 +19,7 @@ from harness.records.schema import Comparison
 from harness.records.store import append_record, read_records
 from harness.reporting import report
 from tests.conftest import invoke, make_record, record_json
-from tests.test_report import BASELINE, FAST
+from tests.reporting.test_report import BASELINE, FAST
 
 SCRIPT = "<script>alert('prompt')</script>"
 CHROMIUM = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).is_file()), None)
