@@ -76,7 +76,8 @@ def make_record(sampler="flash-lcm", steps=4, seconds_per_image=0.1, *, baseline
                 comparisons=(), warnings=(), config=None):
     """A complete, valid record (``harness.records.schema.Record``) with figures a test chooses; ``error`` makes
     it failed."""
-    from harness.records.schema import Comparison, Measured, Memory, Record, Stages, Stats, Timing, UnetCounts
+    from harness.records.schema import Comparison, Measured, Memory, Record, Stages, Timing, UnetCounts
+    from harness.records.stats import Stats
 
     common = dict(sampler=sampler, baseline=baseline, steps=steps, guidance_scale=guidance_scale,
                   created_utc="2026-01-01T00:00:00Z",

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from harness.records import files
 from harness.records import store as records
-from harness.records.schema import Comparison, Measured, Memory, RankFigures, Record, Stats, Timing, UnetCounts
+from harness.records.schema import Comparison, Measured, Memory, RankFigures, Record, Timing, UnetCounts
+from harness.records.stats import Stats
 from harness.reporting import report
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from harness.options import Options, setting
-from harness.records.schema import Stages, Stats
+from harness.records.schema import Stages
+from harness.records.stats import Stats
 
 
 def synchronize(device: torch.device) -> None:

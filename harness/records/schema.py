@@ -10,61 +10,20 @@ measured fields, which here is ``Record.measured is None``.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import os
-import statistics
-import sys
-import types
-import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from harness.errors import RecordError
+from harness.records.decode import fits_float, from_plain, shown, to_plain, wrong
+from harness.records.stats import Stats
 
 SCHEMA = "harness.record/1"
 # The names a record gives its images and grids: harness writes PNGs, and a reader writes grids under these names,
 # so a name of any other kind (records.jsonl, summary.md) would let a record overwrite a file of its run.
 IMAGE_SUFFIX = ".png"
 NAME_MAX = 255  # bytes in one part of a file name (Linux, macOS); a longer name fails at every open
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary statistics of a list of durations, in seconds."""
-
-    n: int
-    min: float
-    max: float
-    mean: float
-    median: float
-    stdev: float
-    p90: float
-    iqr: float
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[float]) -> Stats:
-        if not samples:
-            raise ValueError("no samples")
-        ordered = sorted(samples)
-        return cls(
-            n=len(ordered),
-            min=ordered[0],
-            max=ordered[-1],
-            mean=statistics.fmean(ordered),
-            median=statistics.median(ordered),
-            stdev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
-            p90=_percentile(ordered, 90),
-            iqr=_percentile(ordered, 75) - _percentile(ordered, 25),
-        )
-
-
-def _percentile(ordered: Sequence[float], pct: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    position = (len(ordered) - 1) * pct / 100
-    lower, upper = math.floor(position), math.ceil(position)
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
 
 
 @dataclass(frozen=True)
@@ -114,6 +73,8 @@ class UnetCounts:
 @dataclass(frozen=True)
 class Memory:
     """Peak memory over the measured calls: CUDA's allocated and reserved, or the CPU process's peak RSS."""
+
+    json_omit_none = True  # only the figures its device has
 
     cuda_max_allocated_mb: float | None = None
     cuda_max_reserved_mb: float | None = None
@@ -180,6 +141,8 @@ class Measured:
 class Record:
     """One (sampler, steps) measurement of a run: ``measured`` when it succeeded, ``error`` when it failed."""
 
+    json_flat = ("measured",)  # its measured figures sit beside its own fields in the JSON
+
     sampler: str
     baseline: bool
     steps: int
@@ -209,9 +172,9 @@ class Record:
         head = {"schema": self.schema, "status": self.status}
         if self.error is not None:
             head["error"] = self.error
-        plain = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+        plain = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                  if f.name not in ("schema", "error", "measured")}
-        measured = {} if self.measured is None else _plain(self.measured)
+        measured = {} if self.measured is None else to_plain(self.measured)
         return {**head, **plain, **measured}
 
     @classmethod
@@ -233,7 +196,7 @@ class Record:
             record_data.pop("error", None)
         elif not isinstance(data.get("error"), str):
             raise RecordError("a failed record without its 'error' text")
-        record: Record = _convert(cls, record_data, "")
+        record: Record = from_plain(cls, record_data, "")
         if record.measured is not None:
             timing, stages = record.measured.timing, record.measured.stages
             for name, value in (("timing.seconds_per_call.median", timing.seconds_per_call.median),
@@ -252,7 +215,7 @@ class Record:
             _check_metrics(record.measured.metrics)
         prompts = record.config.get("prompts", [])
         if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
-            raise _wrong("config.prompts", "a list of texts", prompts)
+            raise wrong("config.prompts", "a list of texts", prompts)
         return record
 
 
@@ -269,7 +232,7 @@ def _check_files(measured: Measured) -> None:
     for where, name in names:
         problem = _file_name_problem(name)
         if problem is not None:
-            raise RecordError(f"'{where}' {_shown(name)} {problem}")
+            raise RecordError(f"'{where}' {shown(name)} {problem}")
 
 
 def _file_name_problem(name: str) -> str | None:
@@ -293,102 +256,8 @@ def _check_metrics(metrics: dict[str, dict[str, Any]]) -> None:
     for name, result in metrics.items():
         value = result.get("value")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or isinstance(value, int) and not _fits_float(value)):
-            raise _wrong(f"metrics.{name}.value", "a number or null", value)
-
-
-def _fits_float(value: float) -> bool:
-    """Whether a JSON number is a finite float or a whole number that converts to one: readers divide and plot them.
-
-    (``math.isfinite`` raises OverflowError on a whole number beyond the float range.)"""
-    return abs(value) <= sys.float_info.max
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        # Memory holds only the figures its device has (CUDA's or the CPU's): the others are left out.
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) is not None or not isinstance(value, Memory)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
-def _convert(kind: Any, value: Any, where: str) -> Any:
-    """``value`` (parsed JSON) as ``kind``, or RecordError naming ``where`` and what is wrong."""
-    origin = typing.get_origin(kind)
-    if kind is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _convert(inner, value, where)
-    if dataclasses.is_dataclass(kind):
-        return _convert_dataclass(kind, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _wrong(where, "a list", value)
-        (item,) = typing.get_args(kind)
-        return [_convert(item, element, f"{where}[{index}]") for index, element in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _wrong(where, "an object", value)
-        _, item = typing.get_args(kind)
-        return {key: _convert(item, element, f"{where}.{key}") for key, element in value.items()}
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise _wrong(where, "true or false", value)
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _wrong(where, "a whole number", value)
-        if not _fits_float(value):
-            raise _wrong(where, "a whole number between -1.8e308 and 1.8e308", value)
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _fits_float(value):
-            raise _wrong(where, "a finite number", value)
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise _wrong(where, "text", value)
-        return value
-    raise TypeError(f"no JSON conversion for {kind!r}")
-
-
-@functools.cache
-def _type_hints(kind: type) -> dict[str, Any]:
-    """A record class's resolved field types; resolving them is slow and every record of a file needs them."""
-    return typing.get_type_hints(kind)
-
-
-def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise _wrong(where or kind.__name__, "an object", value)
-    hints = _type_hints(kind)
-    arguments = {}
-    for f in dataclasses.fields(kind):
-        # A record's measured fields sit beside its own in the JSON, so they are named without a prefix.
-        flat = kind is Record and f.name == "measured"
-        path = where if flat else f"{where}.{f.name}" if where else f.name
-        if f.name in value:
-            arguments[f.name] = _convert(hints[f.name], value[f.name], path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecordError(f"'{path}' is missing")
-    return kind(**arguments)
-
-
-def _wrong(where: str, expected: str, value: Any) -> RecordError:
-    return RecordError(f"'{where}' should be {expected}, not {_shown(value)}")
-
-
-def _shown(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 40 else shown[:37] + "..."
+                                  or isinstance(value, int) and not fits_float(value)):
+            raise wrong(f"metrics.{name}.value", "a number or null", value)
 
 
 def successful(records: Iterable[Record]) -> list[tuple[Record, Measured]]:

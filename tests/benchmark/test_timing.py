@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.benchmark import timing
-from harness.records.schema import Stats
+from harness.records.stats import Stats
 
 CPU = torch.device("cpu")
 
