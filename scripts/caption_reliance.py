@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import torch
-from harness_plugins.pretrain import denoising_losses
+from harness_plugins.pretrain.architecture import denoising_losses
 
 from harness import HarnessError, NoiseSchedule, centre_crop, find_examples, to_pixels
 from harness.lab.reliance import ATTRIBUTES, caption_reliance, probe_examples

@@ -160,7 +160,7 @@ def test_unknown_prompt_set_names_the_sets():
 def test_a_switch_that_is_on_by_default_can_be_turned_off(args, expected):
     import click
     from click.testing import CliRunner
-    from harness_plugins.pretrain import PretrainConfig
+    from harness_plugins.pretrain.config import PretrainConfig
 
     from harness.options import click_options
 

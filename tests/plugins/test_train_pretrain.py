@@ -168,7 +168,7 @@ def test_bad_init_and_average_settings_are_one_line(tmp_path, data, straight, op
 
 
 def test_logit_normal_timesteps_train_the_middle_of_the_schedule_more():
-    from harness_plugins.pretrain import PretrainConfig, training_timesteps
+    from harness_plugins.pretrain.config import PretrainConfig, training_timesteps
 
     def draw(**settings):
         config = PretrainConfig(data_dir="unused", **settings)
