@@ -37,12 +37,18 @@ class RecordContext:
             steps=task.steps,
             guidance_scale=task.guidance_scale,
             created_utc=records.utc_now(),
-            config=self.config,
+            config=self.config_of(task.sampler),
             environment=self.environment,
             world_size=self.world_size,
             error=error,
             measured=measured,
         )
+
+    def config_of(self, sampler: str) -> dict[str, Any]:
+        """The run's configuration as a record of ``sampler`` carries it: its own sampler's options only."""
+        by_sampler = self.config.get("sampler_options", {})
+        return {**self.config, "sampler_options": {name: options for name, options in by_sampler.items()
+                                                   if name == sampler}}
 
     def failed(self, task: Task, error: str) -> Record:
         return self.record(task, error=error)

@@ -112,13 +112,13 @@ class BenchSpec:
             seed=seed, outdir=str(self.outdir),
             baseline_outdir=str(self.baseline_outdir) if self.baseline_outdir else None,
             speed=dataclasses.asdict(self.speed),
-            sampler_options=_flat_options(self.sampler_options), metric_options=_flat_options(self.metric_options),
+            sampler_options=_by_plugin(self.sampler_options), metric_options=_by_plugin(self.metric_options),
         )
         config.pop("timing")
         config.update(dataclasses.asdict(self.timing))
         return config
 
 
-def _flat_options(by_plugin: Mapping[str, Options]) -> dict[str, Any]:
-    """Every plugin's settings by option name (names are unique across plugins: the CLI enforces it)."""
-    return {name: value for options in by_plugin.values() for name, value in dataclasses.asdict(options).items()}
+def _by_plugin(options: Mapping[str, Options]) -> dict[str, dict[str, Any]]:
+    """Each plugin's own settings under its name; a plugin without settings is left out."""
+    return {name: dataclasses.asdict(settings) for name, settings in options.items() if dataclasses.fields(settings)}

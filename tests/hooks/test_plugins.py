@@ -69,7 +69,7 @@ def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedd
     assert bench.returncode == 0, bench.stderr
     [record] = record_json(outdir)
     assert record["sampler"] == "ddim" and record["baseline"] is True
-    assert record["config"]["sampler_options"] == {"ddim_eta": 0.5}
+    assert record["config"]["sampler_options"] == {"ddim": {"ddim_eta": 0.5}}  # only its own sampler's
     assert record["sampler_info"]["scheduler"].startswith("DDIMScheduler")
     # DDIM makes exactly one UNet call per step; classifier-free guidance doubles the batch.
     assert record["unet"] == {"calls": 30, "batch_sizes": [2], "evaluations": 60, "evaluations_per_image": 60}
@@ -190,7 +190,7 @@ def test_an_option_of_a_sampler_the_run_does_not_use_is_refused(tmp_path):
                              "add --sampler ddim, or leave the option out.\n")
     planned = json.loads(invoke("--plugin-dir", folder, "bench", "--sampler", "ddim", "--ddim_eta", "0.5",
                                 "--dry-run").output)
-    assert planned["spec"]["sampler_options"] == {"ddim_eta": 0.5}
+    assert planned["spec"]["sampler_options"] == {"ddim": {"ddim_eta": 0.5}}
 
 
 def test_missing_plugin_dir_is_a_clear_error(tmp_path):

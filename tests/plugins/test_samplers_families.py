@@ -77,7 +77,7 @@ def test_plan_gives_each_family_its_guidance_and_grid_name():
     assert (tasks["tcd"]["guidance_scale"], tasks["dpm-solver"]["guidance_scale"]) == (0.0, 7.5)
     assert (tasks["tcd"]["baseline"], tasks["dpm-solver"]["baseline"]) == (False, False)
     assert (tasks["tcd"]["file_label"], tasks["dpm-solver"]["file_label"]) == ("tcd", "dpm-solver")
-    assert planned["spec"]["sampler_options"] == {"lora_preset": None, "tcd_gamma": 0.5}
+    assert planned["spec"]["sampler_options"] == {"tcd": {"lora_preset": None, "tcd_gamma": 0.5}}
     baseline = Task(**tasks["vanilla-sd"])
     assert comparison_name(Task(**tasks["dpm-solver"]), baseline, 1, 42) == \
         "dpm-solver/compare_baseline30_dpm-solver2_seed42.png"
@@ -106,7 +106,9 @@ def test_tcd_and_dpm_solver_records(families_run, embedded_model):
     assert tcd["sampler_info"]["scheduler"] == "TCDScheduler (trailing)"
     assert dpm["sampler_info"]["scheduler"] == "DPMSolverMultistepScheduler (trailing)"
     assert (tcd["guidance_scale"], dpm["guidance_scale"]) == (0, 7.5)
-    assert tcd["config"]["sampler_options"]["tcd_gamma"] == 0.3 and tcd["sampler_info"]["details"]["gamma"] == 0.3
+    # Each record carries its own sampler's options only.
+    assert tcd["config"]["sampler_options"] == {"tcd": {"lora_preset": None, "tcd_gamma": 0.3}}
+    assert "tcd" not in dpm["config"]["sampler_options"] and tcd["sampler_info"]["details"]["gamma"] == 0.3
     # TCD: one UNet call of batch 1 per step; DPM-Solver++ with guidance: batch 2.
     assert tcd["unet"]["evaluations_per_image"] == 2 and dpm["unet"]["evaluations_per_image"] == 4
     # tcd's own preset on the embedded model is the model's shipped LoRA, and the record says so.
@@ -172,7 +174,7 @@ def test_a_preset_on_the_embedded_model_through_the_cli(tmp_path, embedded_model
     assert record["sampler_info"]["lora"] == str(embedded_lora())
     assert record["sampler_info"]["details"]["lora_preset"] == "lcm-lora"
     assert "latent-consistency/lcm-lora-sdv1-5 is for SD 1.5" in record["sampler_info"]["details"]["lora_preset_note"]
-    assert record["config"]["sampler_options"]["lora_preset"] == "lcm-lora"
+    assert record["config"]["sampler_options"][record["sampler"]]["lora_preset"] == "lcm-lora"
 
 
 def test_flash_lcm_without_a_preset_records_no_preset(tmp_path, embedded_model):
