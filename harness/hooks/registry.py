@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from harness.errors import HarnessError, one_line
 from harness.hooks import specs as hookspecs
+from harness.version import __version__
 
 if TYPE_CHECKING:
     from harness.benchmark.metric import Metric
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "harness"
 PLUGIN_DIRS_ENV = "HARNESS_PLUGINS"
 TRACE_ENV = "HARNESS_TRACE_HOOKS"
+#: The distribution the built-in plugins ship in.
+DISTRIBUTION = "fewstep-harness"
+VERSIONS_PLUGIN = "harness.plugin-versions"
 
 DEFAULT_PLUGINS = (
     "harness_plugins.flash_lcm",
@@ -56,8 +60,24 @@ class PluginInfo:
     source: str
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    #: The installed distribution that holds it and its version (None for a loose plugin file).
+    distribution: str | None = None
+    version: str | None = None
     #: What the plugin registered before it broke, so asking for one of them names the broken plugin.
     registered: list[str] = field(default_factory=list)
+
+
+class _PluginVersions:
+    """Adds ``plugins`` to the environment block: each loaded plugin's source, distribution and version."""
+
+    def __init__(self, plugins: dict[str, PluginInfo]):
+        self.plugins = plugins
+
+    @hookspecs.hookimpl
+    def harness_machine_info(self, info: dict[str, Any]) -> None:
+        info["plugins"] = {name: {"source": plugin.source, "distribution": plugin.distribution,
+                                  "version": plugin.version}
+                           for name, plugin in self.plugins.items() if plugin.error is None}
 
 
 T = TypeVar("T")
@@ -141,21 +161,26 @@ class Registry:
         self.metrics: dict[str, Registered[type[Metric]]] = {}
 
         for module_name in DEFAULT_PLUGINS:
-            self._register_import(module_name, module_name, "built-in", importlib.import_module)
+            self._register_import(module_name, module_name, "built-in", importlib.import_module,
+                                  (DISTRIBUTION, __version__))
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = entry_point.dist
             source = f"{dist.name} {dist.version}" if dist is not None else "entry point"
-            self._register_import(entry_point.name, entry_point, source, lambda ep: ep.load())
+            self._register_import(entry_point.name, entry_point, source, lambda ep: ep.load(),
+                                  (dist.name, dist.version) if dist is not None else (None, None))
         for directory in plugin_dirs:
             for path in sorted(Path(directory).glob("*.py")):
                 self._register_import(path.stem, path, f"file {path}", _import_file)
 
+        # Every record and training config names the plugins that made it, with their versions.
+        self.pm.register(_PluginVersions(self.plugins), name=VERSIONS_PLUGIN)
         tables: dict[str, dict[str, Any]] = {"sampler": self.samplers, "trainer": self.trainers,
                                              "metric": self.metrics}
         for kind in _plugin_kinds():
             self._collect(kind, tables[kind.kind])
 
-    def _register_import(self, name: str, target: Any, source: str, importer: Callable[[Any], Any]) -> None:
+    def _register_import(self, name: str, target: Any, source: str, importer: Callable[[Any], Any],
+                         distribution: tuple[str | None, str | None] = (None, None)) -> None:
         if name in self.plugins:
             return
         try:
@@ -165,7 +190,8 @@ class Registry:
             self.plugins[name] = PluginInfo(name, source, error=one_line(error))
             return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(module) or [])
-        self.plugins[name] = PluginInfo(name, source, hooks=hooks)
+        self.plugins[name] = PluginInfo(name, source, hooks=hooks, distribution=distribution[0],
+                                        version=distribution[1])
 
     def _collect(self, kind: PluginKind, into: dict[str, Any]) -> None:
         """Call ``kind.hook`` plugin by plugin, through the plugin manager (so tracing shows each call), to

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from harness.hooks.registry import Registry
 from tests.conftest import invoke, record_json
 
@@ -70,6 +71,11 @@ def test_third_party_distribution_is_discovered_and_benchmarked(tmp_path, embedd
     [record] = record_json(outdir)
     assert record["sampler"] == "ddim" and record["baseline"] is True
     assert record["config"]["sampler_options"] == {"ddim": {"ddim_eta": 0.5}}  # only its own sampler's
+    # The record names every plugin that was loaded: its distribution and version, the built-ins' too.
+    plugins = record["environment"]["plugins"]
+    assert plugins["ddim"] == {"source": "harness-ddim 1.2.3", "distribution": "harness-ddim", "version": "1.2.3"}
+    assert plugins["harness_plugins.flash_lcm"] == {"source": "built-in", "distribution": "fewstep-harness",
+                                                    "version": harness.__version__}
     assert record["sampler_info"]["scheduler"].startswith("DDIMScheduler")
     # DDIM makes exactly one UNet call per step; classifier-free guidance doubles the batch.
     assert record["unet"] == {"calls": 30, "batch_sizes": [2], "evaluations": 60, "evaluations_per_image": 60}
@@ -88,6 +94,23 @@ def test_plugin_dir_and_environment_variable(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "harness", "plugins"], capture_output=True, text=True, env=env,
                             timeout=120)
     assert "| ddim" in listed.stdout
+
+
+def test_the_environment_names_a_loose_plugin_file_without_a_distribution_and_leaves_out_a_broken_one(tmp_path):
+    import torch
+
+    from harness.hooks.registry import Registry
+    from harness.records.environment import environment
+
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "ddim_plugin.py").write_text(guide_plugin_source(), encoding="utf-8")
+    (folder / "broken_plugin.py").write_text("raise ImportError('no such thing')\n", encoding="utf-8")
+    plugins = environment(torch.device("cpu"), torch.float32, Registry([folder]).pm)["plugins"]
+    assert plugins["ddim_plugin"] == {"source": f"file {folder / 'ddim_plugin.py'}", "distribution": None,
+                                      "version": None}
+    assert "broken_plugin" not in plugins
+    assert plugins["harness_plugins.tcd"]["distribution"] == "fewstep-harness"
 
 
 def test_broken_plugin_is_reported_and_the_rest_still_load(tmp_path):
