@@ -10,13 +10,16 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    """What a ``harness`` command's exit status means (documented in the README's Errors table)."""
+    """What a ``harness`` command's exit status means (the docs' errors page lists them)."""
 
+    #: Everything asked was done.
     OK = 0
     #: The command ran, but a measurement or a check failed (a sampler's error, ``compare --fail-above``).
     FAILED = 1
     #: A problem the user can fix: a bad option, a missing file, a model that cannot load.
     USAGE = 2
+    #: A crash inside harness or a plugin (a bug, not your input): the traceback is printed above one line.
+    INTERNAL_ERROR = 3
     #: Ctrl-C or SIGTERM; finished results are kept.
     INTERRUPTED = 130
 

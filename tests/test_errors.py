@@ -241,3 +241,28 @@ def test_a_machine_info_hook_that_fails_is_named_in_one_line_before_the_run_fold
     result = invoke("--plugin-dir", working, "bench", "--steps", "2", "--outdir", outdir, *FAST)
     assert result.exit_code == 0, result.output
     assert record_json(outdir)[0]["environment"]["rack"] == "B7"
+
+
+def test_a_crash_inside_a_command_is_an_internal_error_with_its_own_exit_code(tmp_path):
+    """A bug (an exception harness did not expect) exits 3 with its traceback and one line saying it is a bug; a
+    bad input stays 2 and a failed measurement 1, so a script can tell them apart."""
+    import subprocess
+    import sys
+
+    from harness.errors import ExitCode
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "crashing.py").write_text(
+        "import click\nimport harness\n\n\n@harness.hookimpl\ndef register_commands(cli):\n"
+        "    @cli.command()\n    def crash():\n        {}['missing']\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "harness", "--plugin-dir", str(folder), "crash"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == ExitCode.INTERNAL_ERROR == 3
+    assert "Traceback (most recent call last)" in run.stderr
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        "harness: internal error (a bug in harness or a plugin, not in your input): KeyError: 'missing'; please "
+        "report it with the traceback above.")
+    bad_input = subprocess.run([sys.executable, "-m", "harness", "bench", "--steps", "0"], capture_output=True,
+                               text=True, timeout=120)
+    assert bad_input.returncode == ExitCode.USAGE and "Traceback" not in bad_input.stderr

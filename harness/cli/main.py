@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from harness.errors import ExitCode
+from harness.errors import ExitCode, one_line
 
 if TYPE_CHECKING:
     import click
@@ -81,6 +81,13 @@ def _run(cli: click.Group) -> int:
     except click.ClickException as error:
         error.show()
         return error.exit_code
+    except Exception as error:  # noqa: BLE001 - a bug: its own exit code, its traceback for the report
+        import traceback
+
+        traceback.print_exc()
+        print(f"harness: internal error (a bug in harness or a plugin, not in your input): {one_line(error)}; "
+              "please report it with the traceback above.", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR
     # Outside standalone mode click returns ctx.exit()'s code (--help, --version) or what the command returned,
     # which harness's commands leave None; their failures exit through sys.exit or a ClickException.
     return result if isinstance(result, int) else 0
