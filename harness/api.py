@@ -12,7 +12,7 @@ notices; pass ``on_progress`` / ``on_step`` to follow a run.
 
     records = harness.bench(sampler=["flash-lcm"], steps=[2, 4], prompt="a red circle", seed=1,
                             warmup=0, repeats=1, outdir="run")
-    print(records[0].measured.timing.seconds_per_image.median)
+    print(records[0].measured.timing.seconds_per_image)
     result = harness.train("distill", data_dir="shapes", max_steps=10, output_dir="ckpt")
     print(result.final)
 """
@@ -71,9 +71,9 @@ def bench(*, registry: Registry | None = None, on_progress: Callable[[Task], Non
     registry = registry if registry is not None else get_registry()
     core = [param for options_class in launch.CORE_OPTIONS for param in click_options(options_class)]
     owners, plugin_params = launch.plugin_options(registry, {param.name for param in core if param.name})
-    for name, reason in PRINTING_ONLY.items():
-        if name in options:
-            raise HarnessError(f"harness.bench() has no {name}= option ({reason}); leave it out.")
+    for name in sorted(_field_names(core, options) & PRINTING_ONLY.keys()):
+        keyword = next(k for k in options if name in _field_names(core, {k: None}))
+        raise HarnessError(f"harness.bench() has no {keyword}= option ({PRINTING_ONLY[name]}); leave it out.")
     values = parse_keywords("harness.bench()", [*core, *plugin_params], options)
     plugin_values = {name: values.pop(name) for name in owners}
     bench_options = build(BenchOptions, values)
