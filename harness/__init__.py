@@ -33,7 +33,7 @@ _PUBLIC = {
     "PresetLoraSampler": "harness.benchmark.lora_presets", "PresetOptions": "harness.benchmark.lora_presets",
     "Metric": "harness.benchmark.metric", "MetricConfig": "harness.benchmark.metric",
     "MetricInput": "harness.benchmark.metric",
-    "Trainer": "harness.training.trainer", "StepReport": "harness.training.trainer",
+    "Trainer": "harness.training.trainer", "StepReport": "harness.training.state",
     "TrainConfig": "harness.training.config",
     "LatentDiffusionTrainer": "harness.training.diffusion", "NoiseSchedule": "harness.training.diffusion",
     "CLEAN": "harness.training.diffusion", "EncodedDataset": "harness.training.diffusion",
@@ -111,4 +111,5 @@ if TYPE_CHECKING:
     from harness.training.ema import EMA
     from harness.training.lora import LoraTrainConfig, LoraTrainer
     from harness.training.lora import distance as lora_distance
-    from harness.training.trainer import StepReport, Trainer
+    from harness.training.state import StepReport
+    from harness.training.trainer import Trainer

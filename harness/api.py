@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from harness.benchmark.plan import Task
     from harness.hooks.registry import Registry
     from harness.records.schema import Record
-    from harness.training.trainer import StepReport
+    from harness.training.state import StepReport
 
 log = logging.getLogger("harness")
 

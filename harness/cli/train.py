@@ -20,7 +20,8 @@ from harness.errors import HarnessError
 from harness.hooks.registry import Registered, get_registry
 from harness.options import click_options, multi_value_flags
 from harness.training.config import TrainConfig, check_run_name
-from harness.training.trainer import StepReport, Trainer
+from harness.training.state import StepReport
+from harness.training.trainer import Trainer
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar as ClickProgressBar  # what click.progressbar returns

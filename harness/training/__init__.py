@@ -7,7 +7,8 @@ turns the fields of its ``config_class`` into options and calls ``train()``.
 from harness.training.config import TrainConfig, setting
 from harness.training.diffusion import CLEAN, LatentDiffusionTrainer, NoiseSchedule
 from harness.training.lora import LoraTrainConfig, LoraTrainer
-from harness.training.trainer import StepReport, Trainer
+from harness.training.state import StepReport
+from harness.training.trainer import Trainer
 
 __all__ = [
     "CLEAN", "LatentDiffusionTrainer", "LoraTrainConfig", "LoraTrainer", "NoiseSchedule", "StepReport",

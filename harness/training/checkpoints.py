@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError, one_line
 from harness.models import lora_io
+from harness.records.files import write_folder_atomic
+from harness.training.state import Progress, RunState
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_INFO = "training_state.json"
@@ -310,3 +312,112 @@ def restore_rng(rank: int, tensors: dict[str, torch.Tensor], info: dict[str, Any
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
     version, python_state, python_gauss = info["python"]
     random.setstate((version, tuple(python_state), python_gauss))
+
+
+def snapshot(run: RunState, rng_by_rank: list[Any], extra: dict[str, torch.Tensor], *, trainer: str, seed: int,
+             world_size: int, scaler: Any) -> TrainingState:
+    """Everything a resumed run needs besides the trainer's weights: the trainable tensors, the optimizer, the
+    schedule, the gradient scaler, every process's random generators, the trainer's own extra state and the
+    progress."""
+    state = TrainingState()
+    state.tensors.update({f"param.{name}": p for name, p in run.trainable.items()})
+    optimizer_tensors, optimizer_info = flatten_optimizer(run.optimizer.state_dict())
+    state.tensors.update({f"optimizer.{name}": t for name, t in optimizer_tensors.items()})
+    state.tensors.update({f"extra.{name}": t for name, t in extra.items()})
+    rng_info = {}
+    for rank, rng in enumerate(rng_by_rank):
+        rng_tensors, rng_info[str(rank)] = rng_to_state(rank, rng)
+        state.tensors.update({f"rng.{name}": t for name, t in rng_tensors.items()})
+    progress = run.progress
+    state.info = {
+        "step": progress.step,
+        "samples_seen": progress.samples_seen,
+        "seconds": progress.seconds,
+        "seed": seed,
+        "world_size": world_size,
+        "trainer": trainer,
+        "optimizer": optimizer_info,
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_info,
+    }
+    return state
+
+
+def write(state: TrainingState, folder: Path, save_weights: Callable[[Path], None]) -> None:
+    """A checkpoint folder, whole or not at all: the trainer's weights, then the state that lists them."""
+
+    def fill(staging: Path) -> None:
+        save_weights(staging)
+        # Listed so a resumed run can tell a checkpoint whose weights were lost or cut short.
+        state.info[WEIGHTS_FILES] = sorted(
+            path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+        state.save(staging)
+
+    write_folder_atomic(folder, fill)
+
+
+def restore(state: TrainingState, folder: Path, run: RunState, rank: int, scaler: Any,
+            load_extra: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Put a checkpoint's state back into ``run`` (and the trainer's extra state through ``load_extra``); a state
+    that does not fit this run is one line naming the settings to resume with."""
+    info, trainable = state.info, run.trainable
+    saved = state.with_prefix("param.")
+    mismatched = {name for name, p in trainable.items() if name not in saved or saved[name].shape != p.shape}
+    if mismatched or len(saved) != len(trainable):
+        raise HarnessError(
+            f"checkpoint '{folder}' holds other trainable weights than this run has "
+            f"(e.g. '{sorted(mismatched or set(saved) - set(trainable))[0]}'); resume with "
+            "the settings it was trained with (--lora_rank, --lora_target_modules, --model)."
+        )
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(saved[name])
+    load_extra(state.with_prefix("extra."))
+    # load_resumable checked the form of each part; torch's own loaders still refuse what does not fit this
+    # run's optimizer, schedule or generator (another number of parameter groups, another device's RNG).
+    try:
+        run.optimizer.load_state_dict(unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"]))
+        run.lr_scheduler.load_state_dict(info["lr_scheduler"])
+        if info["grad_scaler"] is not None and scaler is not None:
+            scaler.load_state_dict(info["grad_scaler"])
+        if str(rank) in info["rng"]:
+            restore_rng(rank, state.with_prefix("rng."), info["rng"][str(rank)], run.generator)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise HarnessError(f"checkpoint '{folder}' does not fit this run ({one_line(error)}); resume with the "
+                           "settings it was trained with.") from None
+    run.progress = Progress(info["step"], info["samples_seen"], info["seconds"])
+
+
+def resume_point(request: str | None, checkpoint_dir: Path, overwrite: bool,
+                 notify: Callable[[str], None]) -> tuple[Path, TrainingState] | None:
+    """The checkpoint ``--resume_from_checkpoint`` asks for and its checked state; None to start a new run.
+
+    ``latest`` passes over damaged checkpoints, each named in a notice; a named folder that is damaged is one
+    line, as the user asked for that very state.
+    """
+    if request == "latest":
+        damaged: list[CheckpointError] = []
+
+        def skip(error: CheckpointError) -> None:
+            damaged.append(error)
+            notify(f"skipped damaged checkpoint '{error.folder}': {error.problem}.")
+
+        found = newest_resumable(checkpoint_dir, skip)
+        if found is not None:
+            return found
+        if damaged and not overwrite:
+            raise HarnessError(
+                f"every checkpoint in '{checkpoint_dir}' is damaged (the newest, '{damaged[0].folder}': "
+                f"{damaged[0].problem}); pass --overwrite to start the run again, or another --run_name."
+            )
+        usable = "usable " if damaged else ""
+        notify(f"no {usable}checkpoint in '{checkpoint_dir}' yet; starting a new run.")
+    elif request is not None:
+        folder = Path(request).expanduser()
+        if not folder.is_dir():
+            raise HarnessError(
+                f"--resume_from_checkpoint '{folder}' is not a folder; pass a checkpoint-N folder or 'latest'."
+            )
+        return folder, load_resumable(folder)
+    return None

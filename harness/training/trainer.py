@@ -39,23 +39,23 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from PIL import Image
 
-from harness.errors import HarnessError, one_line
+from harness.errors import HarnessError
 from harness.records import files
 from harness.records.environment import environment
 from harness.records.rundir import Replacement, RunFolder
 from harness.records.training_run import CONFIG_FILE, LOG_FILE, TRACKERS_FOLDER, VALIDATION_FOLDER, logged_step
 from harness.reporting import report
 from harness.training import checkpoints, trackers
-from harness.training.checkpoints import CheckpointError, TrainingState
+from harness.training.checkpoints import TrainingState
 from harness.training.config import TrainConfig
 from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_examples
+from harness.training.state import Progress, RunState, StepReport
 from harness.training.trackers import TRACKER_INSTALL, resolve_report_to
 
 if TYPE_CHECKING:
@@ -67,41 +67,6 @@ RUN_FOLDER_OPTION = "--output_dir/--run_name"
 CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
 def _cpu_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(sign in str(error) for sign in CPU_OUT_OF_MEMORY)
-
-
-@dataclass
-class StepReport:
-    """What one finished optimizer step reports (to ``train_log.jsonl`` and the progress bar)."""
-
-    step: int
-    max_steps: int
-    loss: float
-    lr: float
-    seconds: float  # training time since the run began, across resumes
-    step_seconds: float  # of this step: from the previous report (or the loop's start) to this one
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loss": self.loss, "lr": self.lr, "seconds": round(self.seconds, 3)}
-
-
-@dataclass
-class Progress:
-    """Where a run stands; a checkpoint stores it and a resumed run starts from it."""
-
-    step: int = 0
-    samples_seen: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class RunState:
-    """What a checkpoint saves and a resumed run restores, besides the weights the trainer saves."""
-
-    trainable: dict[str, torch.nn.Parameter]
-    optimizer: Any
-    lr_scheduler: Any
-    generator: torch.Generator  # every random draw of compute_loss
-    progress: Progress
 
 
 class Trainer(abc.ABC):
@@ -441,31 +406,10 @@ class Trainer(abc.ABC):
         ``latest`` passes over damaged checkpoints, each named in a notice; a named folder that is damaged is
         one line, as the user asked for that very state.
         """
-        request = self.config.resume_from_checkpoint
-        if request == "latest":
-            damaged: list[CheckpointError] = []
-
-            def skip(error: CheckpointError) -> None:
-                damaged.append(error)
-                self.notify(f"skipped damaged checkpoint '{error.folder}': {error.problem}.")
-
-            found = checkpoints.newest_resumable(self.checkpoint_dir, skip)
-            if found is not None:
-                return found
-            if damaged and not self.config.overwrite:
-                raise HarnessError(
-                    f"every checkpoint in '{self.checkpoint_dir}' is damaged (the newest, '{damaged[0].folder}': "
-                    f"{damaged[0].problem}); pass --overwrite to start the run again, or another --run_name."
-                )
-            usable = "usable " if damaged else ""
-            self.notify(f"no {usable}checkpoint in '{self.checkpoint_dir}' yet; starting a new run.")
-        elif request is not None:
-            folder = Path(request).expanduser()
-            if not folder.is_dir():
-                raise HarnessError(
-                    f"--resume_from_checkpoint '{folder}' is not a folder; pass a checkpoint-N folder or 'latest'."
-                )
-            return folder, checkpoints.load_resumable(folder)
+        found = checkpoints.resume_point(self.config.resume_from_checkpoint, self.checkpoint_dir,
+                                         self.config.overwrite, self.notify)
+        if found is not None:
+            return found
         if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()):
             if not self.config.overwrite:
                 raise HarnessError(
@@ -513,78 +457,23 @@ class Trainer(abc.ABC):
 
         rng_by_rank = gather_object([checkpoints.capture_rng(run.generator)])  # every process takes part
         if self.is_main:
-            state = TrainingState()
-            state.tensors.update({f"param.{name}": p for name, p in run.trainable.items()})
-            optimizer_tensors, optimizer_info = checkpoints.flatten_optimizer(run.optimizer.state_dict())
-            state.tensors.update({f"optimizer.{name}": t for name, t in optimizer_tensors.items()})
-            state.tensors.update({f"extra.{name}": t for name, t in self.extra_state().items()})
-            rng_info = {}
-            for rank, rng in enumerate(rng_by_rank):
-                rng_tensors, rng_info[str(rank)] = checkpoints.rng_to_state(rank, rng)
-                state.tensors.update({f"rng.{name}": t for name, t in rng_tensors.items()})
-            scaler = self.accelerator.scaler
-            progress = run.progress
-            state.info = {
-                "step": progress.step,
-                "samples_seen": progress.samples_seen,
-                "seconds": progress.seconds,
-                "seed": self.seed,
-                "world_size": self.accelerator.num_processes,
-                "trainer": self.name,
-                "optimizer": optimizer_info,
-                "lr_scheduler": run.lr_scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_info,
-            }
-
-            def write(folder: Path) -> None:
-                self.save_weights(folder)
-                # Listed so a resumed run can tell a checkpoint whose weights were lost or cut short.
-                state.info[checkpoints.WEIGHTS_FILES] = sorted(
-                    path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-                state.save(folder)
-
-            files.write_folder_atomic(self.checkpoint_dir / checkpoints.checkpoint_name(progress.step), write)
+            state = checkpoints.snapshot(run, rng_by_rank, self.extra_state(), trainer=self.name, seed=self.seed,
+                                         world_size=self.accelerator.num_processes, scaler=self.accelerator.scaler)
+            checkpoints.write(state, self.checkpoint_dir / checkpoints.checkpoint_name(run.progress.step),
+                              self.save_weights)
             if self.config.checkpoints_total_limit is not None:
                 checkpoints.prune(self.checkpoint_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
     def _restore(self, state: TrainingState, folder: Path, run: RunState) -> None:
-        info, trainable = state.info, run.trainable
-        saved = state.with_prefix("param.")
-        mismatched = {name for name, p in trainable.items() if name not in saved or saved[name].shape != p.shape}
-        if mismatched or len(saved) != len(trainable):
-            raise HarnessError(
-                f"checkpoint '{folder}' holds other trainable weights than this run has "
-                f"(e.g. '{sorted(mismatched or set(saved) - set(trainable))[0]}'); resume with "
-                "the settings it was trained with (--lora_rank, --lora_target_modules, --model)."
-            )
-        with torch.no_grad():
-            for name, parameter in trainable.items():
-                parameter.copy_(saved[name])
-        self.load_extra_state(state.with_prefix("extra."))
-        rank = str(self.accelerator.process_index)
-        # load_resumable checked the form of each part; torch's own loaders still refuse what does not fit this
-        # run's optimizer, schedule or generator (another number of parameter groups, another device's RNG).
-        try:
-            run.optimizer.load_state_dict(
-                checkpoints.unflatten_optimizer(state.with_prefix("optimizer."), info["optimizer"])
-            )
-            run.lr_scheduler.load_state_dict(info["lr_scheduler"])
-            if info["grad_scaler"] is not None and self.accelerator.scaler is not None:
-                self.accelerator.scaler.load_state_dict(info["grad_scaler"])
-            if rank in info["rng"]:
-                checkpoints.restore_rng(int(rank), state.with_prefix("rng."), info["rng"][rank], run.generator)
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-            raise HarnessError(f"checkpoint '{folder}' does not fit this run ({one_line(error)}); resume with the "
-                               "settings it was trained with.") from None
-        if info["world_size"] != self.accelerator.num_processes:
+        checkpoints.restore(state, folder, run, self.accelerator.process_index, self.accelerator.scaler,
+                            self.load_extra_state)
+        if state.info["world_size"] != self.accelerator.num_processes:
             self.notify(
-                f"the checkpoint was written by {info['world_size']} process(es), this run has "
+                f"the checkpoint was written by {state.info['world_size']} process(es), this run has "
                 f"{self.accelerator.num_processes}: training continues, but not exactly as the "
                 "uninterrupted run would have."
             )
-        run.progress = Progress(info["step"], info["samples_seen"], info["seconds"])
         self.notify(f"resuming from '{folder}' at step {run.progress.step}.")
 
     def _config_document(self, examples, resume_folder: Path | None) -> dict[str, Any]:
