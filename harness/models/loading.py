@@ -37,7 +37,10 @@ GENERATED_LORA_RANK = 64
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 SD15_PROMPT = "a beautiful landscape with mountains and a lake, sunset, highly detailed"
-EMBEDDED_PROMPT = "a small red circle at the top on a blue background"
+# One the shipped model draws right at every step count of the quick start: the fidelity judge gave 1.00 to the
+# first image (seed 42) of the 30-step baseline and of flash-lcm at 2, 4 and 8 steps, and 0.94 / 0.84 / 0.98 /
+# 0.97 over 8 seeds (the old "a small red circle at the top ..." named a position the model does not follow).
+EMBEDDED_PROMPT = "a large orange circle on a black background"
 
 OFFLINE_FIX = (
     "run `huggingface-cli login` (and accept the model licence on the hub), check the network, "
