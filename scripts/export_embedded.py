@@ -10,6 +10,7 @@ the few-step LoRA that won the lab (``harness train --plugin distill``, ``lcm`` 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -31,10 +32,20 @@ def export_model(model_dir: Path, card: Path | None, out: Path) -> None:
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder, safe_serialization=True)
+        forget_build_folders(folder)
         if card is not None:
             shutil.copyfile(card, folder / "README.md")
 
     write_folder_atomic(out, write)
+
+
+def forget_build_folders(folder: Path) -> None:
+    """diffusers writes the folder a model was loaded from into its configs (``_name_or_path``): a shipped model
+    must not name the machine that built it."""
+    for config in folder.rglob("*.json"):
+        document = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(document, dict) and document.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def export_lora(lora_dir: Path, out: Path) -> None:

@@ -196,3 +196,19 @@ def test_missing_weights_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "SHIPPED_MODEL", tmp_path / "tiny-sd")
     with pytest.raises(HarnessError, match="embedded model's weights are missing .*reinstall harness"):
         embedded.embedded_model()
+
+
+def test_no_shipped_file_names_the_folders_of_the_machine_that_built_it():
+    """The model's configs, card and the docs' pictures' sources ship to every user: no absolute build path."""
+    import json
+    import re
+
+    from harness.models.embedded import SHIPPED_LORA, SHIPPED_MODEL
+
+    for root in (SHIPPED_MODEL, SHIPPED_LORA):
+        for path in root.rglob("*"):
+            if path.suffix == ".json":
+                document = json.loads(path.read_text(encoding="utf-8"))
+                assert "_name_or_path" not in document, path
+            if path.suffix in (".json", ".md"):
+                assert not re.search(r"(/work/|/home/|/root/|runs\d+/)", path.read_text(encoding="utf-8")), path
