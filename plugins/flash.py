@@ -32,8 +32,8 @@ per training phase:
 
 Defaults are the paper's released SD 1.5 configuration (4 phases of 5,000 steps, mode probabilities
 [0, 0, .5, .5], [.1, .3, .3, .3], [.25] * 4, [.4, .2, .2, .2], adversarial scales 0/.1/.2/.3, DMD scales
-0/.3/.5/.7, guidance 3-13, 32 solver steps, learning rates 1e-5), except where README.md's "flash trainer"
-section says otherwise and why (the teacher's solver is DDIM rather than DPM-Solver++, the distillation
+0/.3/.5/.7, guidance 3-13, 32 solver steps, learning rates 1e-5), except where "The flash trainer" of
+docs/guides/training.md says otherwise and why (the teacher's solver is DDIM rather than DPM-Solver++, the distillation
 loss L2 rather than LPIPS, which needs VGG weights from the network, the default GAN loss is the paper
 code's default hinge rather than the SD 1.5 config's LSGAN, which ``--gan_loss lsgan`` gives).
 """

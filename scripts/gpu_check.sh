@@ -16,7 +16,7 @@ harness=(${HARNESS:-harness})
 export HF_HUB_OFFLINE=1
 
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  echo "Error: no CUDA device visible to PyTorch; run this on a GPU machine with a CUDA build of torch (see README: GPU setup)." >&2
+  echo "Error: no CUDA device visible to PyTorch; run this on a GPU machine with a CUDA build of torch (see docs/guides/gpu.md)." >&2
   exit 2
 fi
 gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')

@@ -105,7 +105,7 @@ class BenchSpec:
         return self.batch or self.num_images
 
     def config_dict(self, seed: int | None, prompts: Sequence[str]) -> dict[str, Any]:
-        """The run configuration every record carries (flat, as README's Records table lists it)."""
+        """The run configuration every record carries (docs/reference/records.md lists its fields)."""
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         config.update(
             samplers=list(self.samplers), steps=list(self.steps), prompts=list(prompts), metrics=list(self.metrics),

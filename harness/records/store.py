@@ -1,7 +1,7 @@
 """Benchmark records (``records.jsonl``): appended whole, read back against the schema.
 
 Each line of ``records.jsonl`` is one JSON object for one (sampler, steps) measurement; its fields are
-documented in README.md ("Records"). Lines are appended, flushed and fsynced one at a time, so a run
+documented in docs/reference/records.md. Lines are appended, flushed and fsynced one at a time, so a run
 killed at any moment leaves only whole records; every other file is written to a temporary name and
 renamed into place, so no reader ever sees half a file.
 """
