@@ -218,7 +218,7 @@ class PresetLoraSampler(FewStepLoraSampler):
             source = self.preset.source(None)
             self.lora_label = self.preset.label
         if source is not None:
-            models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
+            self.lora_layers = models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
             self.loaded_lora = source
         self.lora_fused = self.config.speed.fuse_lora
         pipe.scheduler = self.scheduler(pipe.scheduler.config)
@@ -236,7 +236,7 @@ class PresetLoraSampler(FewStepLoraSampler):
                 pipe.unfuse_lora()
             pipe.unload_lora_weights()  # type: ignore[no-untyped-call]  # diffusers leaves it unannotated
             self.loaded_lora = None
-        models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
+        self.lora_layers = models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
         self.loaded_lora = source
         if self.config.speed.channels_last:  # a fused weight is a new tensor: give it the layout the option asks for
             import torch

@@ -125,6 +125,7 @@ class DiffusersSampler(Sampler):
     pipeline: StableDiffusionPipeline | None = None
     lora_label: str | None = None
     lora_fused: bool | None = None
+    lora_layers: int | None = None  # layers the loaded LoRA changes (load_lora counts them)
 
     def loaded_pipeline(self) -> StableDiffusionPipeline:
         """The pipeline :meth:`load` built (``None`` before it and after :meth:`unload`)."""
@@ -183,7 +184,7 @@ class DiffusersSampler(Sampler):
             scheduler=type(scheduler).__name__ + (f" ({spacing})" if spacing else ""),
             lora=self.lora_label,
             details={"model_location": self.config.model.location, "model_note": self.config.model.note,
-                     "lora_fused": self.lora_fused, **describe_speed(pipe)},
+                     "lora_fused": self.lora_fused, "lora_layers": self.lora_layers, **describe_speed(pipe)},
         )
 
     def components(self) -> dict[str, torch.nn.Module]:
@@ -206,7 +207,7 @@ class FewStepLoraSampler(DiffusersSampler):
     def prepare(self, pipe: StableDiffusionPipeline) -> None:
         source = self.lora_source()
         assert source is not None, "the model has no default LoRA and neither --lora_path nor --lora_id was given"
-        models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
+        self.lora_layers = models.load_lora(pipe, source, fuse=self.config.speed.fuse_lora)
         self.lora_fused = self.config.speed.fuse_lora
         self.lora_label = source.location if source.weight_name is None else f"{source.location}/{source.weight_name}"
         pipe.scheduler = models.few_step_scheduler(pipe.scheduler.config)

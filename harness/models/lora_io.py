@@ -245,3 +245,77 @@ def non_finite_tensors(path: Path) -> tuple[list[str], int]:
     except SafetensorError as error:
         raise ValueError(f"{Path(path).name}: {(str(error).splitlines() or ['damaged'])[0]}") from None
     return broken, len(names)
+
+
+# Key prefixes diffusers' load_lora_weights reads in a Stable Diffusion LoRA (its own and kohya's naming); a file
+# with none of them loads nothing, silently.
+# The factor of a LoRA layer that peft starts at zero, in each naming (diffusers', PEFT's, kohya's).
+UP_FACTORS = (".lora.up.", ".lora_B.", ".lora_up.")
+KNOWN_KEY_PREFIXES = ("unet.", "text_encoder.", "lora_unet_", "lora_te_", "lora_te1_", PEFT_KEY_PREFIX)
+
+
+def lora_adapters(*models: Any) -> set[str]:
+    """The names of the LoRA adapters loaded into ``models`` (a UNet, a text encoder; None is skipped)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {adapter for model in models if model is not None for module in model.modules()
+            if isinstance(module, LoraLayer) for adapter in (*module.lora_A, *module.lora_embedding_A)}
+
+
+def changed_layers(*models: Any, skip: Iterable[str] = ()) -> tuple[int, int, int]:
+    """(layers the LoRA changes, layers it was loaded into, those at scale 0) over the adapters of ``models`` not
+    in ``skip``.
+
+    A layer changes the model only when both of its factors hold a non-zero value and its scale is not 0. A file
+    whose keys match no layer, another architecture's LoRA loaded with its target module names, and a file of
+    zeros all load without an error: their layers keep factors of zeros (peft starts ``lora_B`` at zero).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    skipped = set(skip)
+    changed = loaded = unscaled = 0
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            factors = {**{name: (module.lora_A[name].weight, module.lora_B[name].weight) for name in module.lora_A},
+                       **{name: (module.lora_embedding_A[name], module.lora_embedding_B[name])
+                          for name in module.lora_embedding_A}}
+            for name, (down, up) in factors.items():
+                if name in skipped:
+                    continue
+                loaded += 1
+                if module.scaling.get(name, 1) == 0:
+                    unscaled += 1
+                elif bool(down.any()) and bool(up.any()):
+                    changed += 1
+    return changed, loaded, unscaled
+
+
+def inert_reason(path: Path | None, loaded: int, unscaled: int = 0) -> str:
+    """Why a LoRA changed no layer of the model it was loaded into (``path``: its local file, when there is one)."""
+    if path is not None:
+        from safetensors import safe_open
+
+        names = list(safetensors_header(path))
+        if not names:
+            return f"{path.name} holds no tensors, only metadata"
+        if not any(name.startswith(KNOWN_KEY_PREFIXES) for name in names):
+            return (f"none of the {len(names)} keys of {path.name} starts with a prefix a LoRA loader reads "
+                    f"({', '.join(repr(prefix) for prefix in KNOWN_KEY_PREFIXES)}), e.g. {names[0][:80]!r}")
+        with safe_open(path, framework="pt") as tensors:
+            nonzero = [name for name in names if bool(tensors.get_tensor(name).any())]
+        if not nonzero:
+            return f"every value of the {len(names)} tensors of {path.name} is zero"
+        ups = [name for name in names if any(up in name for up in UP_FACTORS)]
+        if ups and not set(ups) & set(nonzero):
+            return (f"every one of its {len(ups)} up factors (lora.up / lora_B) is zero, so it adds nothing to "
+                    "any layer (an untrained LoRA?)")
+    if loaded and unscaled == loaded:
+        return f"its scale is 0 (lora_alpha 0) in all {loaded} of its layers"
+    if loaded:
+        return (f"its weights reached none of the {loaded} LoRA layer(s) made for it in the model (a LoRA for "
+                "another architecture?)")
+    return "its keys match no layer of this model's UNet or text encoder (a LoRA for another architecture?)"

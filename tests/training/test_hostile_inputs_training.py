@@ -536,6 +536,8 @@ def test_fuzz_checkpoint_state_ends_in_a_checkpoint_error(valid_checkpoint, tmp_
 class _Pipe:
     """Stands in for a pipeline: the fuzzed file is checked before anything would load it."""
 
+    unet = torch.nn.Linear(1, 1)  # no LoRA layer: what loads into it changes nothing, and is refused
+
     def load_lora_weights(self, *args, **kwargs) -> None:
         pass
 
@@ -579,4 +581,5 @@ def test_fuzz_lora_headers_end_in_a_harness_error(tmp_path, damage):
         models.load_lora(_Pipe(), source)
     except HarnessError as error:
         assert "\n" not in str(error)
-        assert str(error).startswith((f"cannot load LoRA from '{folder}': ", f"--lora_path '{path}' holds NaN"))
+        assert str(error).startswith((f"cannot load LoRA from '{folder}': ", f"--lora_path '{path}' holds NaN",
+                                      f"LoRA from '{folder}' changes nothing in this model: "))
