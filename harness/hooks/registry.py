@@ -49,6 +49,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.image_metrics",
     "harness_plugins.fidelity",
     "harness_plugins.clip_score",
+    "harness_plugins.lab_distance",
 )
 
 
