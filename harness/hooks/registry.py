@@ -50,6 +50,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.fidelity",
     "harness_plugins.clip_score",
     "harness_plugins.lab_distance",
+    "harness_plugins.set_metrics",
 )
 
 
