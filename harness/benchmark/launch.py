@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from harness.benchmark import distributed
 from harness.benchmark.plan import RUN_IMAGE
-from harness.benchmark.prompts import load_prompts
 from harness.benchmark.runner import BenchRun
 from harness.benchmark.spec import MAX_SEED, BenchOptions, BenchSpec
+from harness.benchmark.suites import load_prompt_set
 from harness.benchmark.timing import TimingSettings
 from harness.errors import HarnessError
 from harness.models.speed import SpeedOptions
@@ -96,8 +96,15 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
     if options.prompt is not None and options.prompts_file is not None:
         raise HarnessError("pass either --prompt or --prompts, not both.")
     prompts: list[str] = []
+    prompt_suite = None
+    if options.prompts_file is None and (options.prompt_column, options.prompt_count, options.prompt_source) != (
+            None, None, None):
+        raise HarnessError("--prompt_column, --prompt_count and --prompt_source choose the prompts of --prompts; "
+                           "pass --prompts FILE or a suite (e.g. --prompts coco2017-5k), or leave them out.")
     if options.prompts_file is not None:
-        prompts = load_prompts(options.prompts_file)
+        prompt_set = load_prompt_set(options.prompts_file, options.prompt_column, options.prompt_seed,
+                                     options.prompt_count, options.prompt_source)
+        prompts, prompt_suite = prompt_set.prompts, prompt_set.suite
     elif options.prompt is not None:
         if not options.prompt.strip():
             raise HarnessError("--prompt is empty; give the text to draw.")
@@ -118,6 +125,7 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
     metric_options = {name: build(registry.metric(name).cls.Options, plugin_values) for name in options.metrics}
     return BenchSpec(
         samplers=tuple(samplers), steps=tuple(dict.fromkeys(options.steps)), prompts=tuple(prompts), model=model_name,
+        prompt_suite=prompt_suite,
         outdir=Path(outdir), num_images=options.num_images, seed=options.seed,
         baseline_steps=options.baseline_steps, baseline_guidance=options.baseline_guidance,
         baseline_outdir=baseline_outdir,

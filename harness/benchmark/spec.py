@@ -33,9 +33,20 @@ class BenchOptions(Options):
                                                          "repeated flag.", flags=("--sampler", "-s"))
     prompt: str | None = setting(None, "Text prompt (default: a prompt suited to the model).")
     prompts_file: str | None = setting(
-        None, "File of prompts (one per line, or JSONL with a 'prompt' field) or a built-in set: held-out (the "
-              "embedded model's 64 evaluation prompts), seed (the demo's prompts).", flags=("--prompts",),
-        metavar="FILE|SET")
+        None, "File of prompts (one per line, JSONL with a 'prompt' field, or a JSONL, CSV or Parquet file with a "
+              "caption column), a built-in set: held-out (the embedded model's 64 evaluation prompts), seed (the "
+              "demo's prompts), or a suite drawn from a Hugging Face data set: coco2014-5k, coco2017-5k, coco-30k, "
+              "parti, drawbench.", flags=("--prompts",), metavar="FILE|SET|SUITE")
+    prompt_column: str | None = setting(None, "Column of captions in a JSONL, CSV or Parquet --prompts file or a "
+                                              "suite's data set (default: caption, captions, prompt, prompts, text "
+                                              "or sentences, in any case).")
+    prompt_seed: int = setting(0, "Seed that draws a suite's images and each image's caption (or --prompt_count "
+                                  "prompts of a file); recorded in config.prompt_suite.", minimum=0)
+    prompt_count: int | None = setting(None, "Draw this many prompts with --prompt_seed (default: the suite's "
+                                             "size, e.g. 5000 for coco2017-5k; all of a file, in order).", minimum=1)
+    prompt_source: str | None = setting(None, "Local copy of a suite's data set: a folder written by datasets' "
+                                              "save_to_disk, or a JSONL, CSV or Parquet file (default: the Hugging "
+                                              "Face cache, or the hub).")
     steps: tuple[int, ...] = setting((2, 4, 8), "Inference steps of the few-step samplers, e.g. --steps 2 4 8.",
                                      minimum=1)
     seed: int | None = setting(None, "Random seed (0 to 2**64-1); also put into file names, as the seed demo does.",
@@ -82,6 +93,7 @@ class BenchSpec:
     model: str
     outdir: Path
     prompts: tuple[str, ...] = ()  # none: the model's default prompt
+    prompt_suite: Mapping[str, Any] | None = None  # where a suite's or caption file's prompts came from, and the draw
     num_images: int = default_of(BenchOptions, "num_images")
     seed: int | None = None
     baseline_steps: int = default_of(BenchOptions, "baseline_steps")
