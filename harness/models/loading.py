@@ -118,7 +118,7 @@ def resolve_device(requested: str | None) -> torch.device:
         raise HarnessError(f"unknown device '{requested}'; use cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError(
-            "CUDA is not available; install a CUDA build of PyTorch (see README, GPU setup) "
+            "CUDA is not available; install a CUDA build of PyTorch (see the README's GPU section) "
             "or pass --device cpu."
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -219,24 +219,40 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = True) -> None:
-    """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it.
+def load_lora(pipe: StableDiffusionPipeline, source: LoraSource, fuse: bool = True) -> int:
+    """Load a LoRA with diffusers' load_lora_weights() and, as the seed does, fuse it; return the number of layers
+    it changes (the records' ``lora_layers``).
 
     A PEFT adapter folder, and a file whose keys mix diffusers' and PEFT's naming, go through lora_io instead:
-    load_lora_weights would silently skip the one and load only part of the other.
+    load_lora_weights would silently skip the one and load only part of the other. A LoRA that changes no layer
+    (no tensors, only zeros, keys of no known prefix, another architecture's layers) is refused in one line: it
+    would be measured and scored as if it did something.
     """
     peft_folder = lora_io.peft_adapter_folder(source.location, source.weight_name) if source.kind == "local" else None
     local_file = _checked_lora_file(source) if source.kind == "local" else None
+    targets = (getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None))
+    before = lora_io.lora_adapters(*targets)
     try:
         with _lora_load_errors_unlogged():
             _load_lora_weights(pipe, source, peft_folder, local_file)
+        changed, loaded, unscaled = lora_io.changed_layers(*targets, skip=before)
+        reason = lora_io.inert_reason(local_file, loaded, unscaled) if not changed else None
     except Exception as error:  # noqa: BLE001
         reason = one_line(error)
         if source.kind == "hub":
             raise HarnessError(f"cannot load LoRA '{source.location}': {reason}. To fix: {OFFLINE_FIX}.") from None
         raise HarnessError(_local_lora_failure(source, reason)) from None
+    if reason is not None:
+        raise HarnessError(_inert_lora_failure(source, reason))
     if fuse:
         pipe.fuse_lora()
+    return changed
+
+
+def _inert_lora_failure(source: LoraSource, reason: str) -> str:
+    where = f"LoRA '{source.location}'" if source.kind == "hub" else f"LoRA from '{source.location}'"
+    return (f"{where} changes nothing in this model: {reason.rstrip('.')}. Pass a diffusers LoRA trained for this "
+            "base model (e.g. .../lora/final).")
 
 
 def _load_lora_weights(pipe: StableDiffusionPipeline, source: LoraSource, peft_folder: Path | None,
