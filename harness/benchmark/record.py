@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,12 +143,30 @@ class RunWriter:
         for image, name in zip(images, names):
             files.save_image_atomic(image, self.outdir / name)
 
-    def add(self, record: Record) -> None:
-        """Append the record to ``records.jsonl`` (and its grids first, when it has images)."""
+    def add(self, record: Record) -> str | None:
+        """Write the record's grids, then append it to ``records.jsonl``; return why a grid was not written, if so.
+
+        A grid that cannot be written does not undo a finished measurement: the record is appended all the same,
+        with that line among its warnings. A full disk still stops the run, once the record is in.
+        """
+        problem, stop = None, None
         if record.measured is not None:
-            report.write_grids(self.outdir, record, [r for r in self.records if r.baseline and r.ok])
+            try:
+                report.write_grids(self.outdir, record, [r for r in self.records if r.baseline and r.ok])
+            except OSError as error:
+                name = os.path.relpath(error.filename, self.outdir) if error.filename else record.measured.grid
+                problem = (f"the grids of {record.sampler} ({record.steps} steps) were not written: '{name}': "
+                           f"{error.strerror or error}; the measurement is kept, and `harness report {self.outdir}` "
+                           "writes its grids once that is fixed.")
+                measured = dataclasses.replace(record.measured, warnings=[*record.measured.warnings, problem])
+                record = dataclasses.replace(record, measured=measured)
+                stop = error if error.errno in files.DISK_ERRORS else None
         records.append_record(self.records_path, record)
         self.records.append(record)
+        if stop is not None:
+            raise stop
+        return problem
 
-    def write_summary(self) -> None:
-        report.write_summary(self.outdir, self.records)
+    def write_summary(self) -> list[OSError]:
+        """Write ``summary.md`` and the plots; return the errors of those that could not be written."""
+        return report.write_summary(self.outdir, self.records)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import gc
 import random
 from collections.abc import Callable
@@ -28,8 +27,10 @@ from harness.benchmark.metric import MetricConfig
 from harness.benchmark.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
 from harness.models import loading as models
+from harness.records import files
 from harness.records.environment import environment
 from harness.records.schema import Comparison, Record
+from harness.reporting import report
 
 if TYPE_CHECKING:
     from harness.hooks.registry import Registry
@@ -40,7 +41,7 @@ from harness.benchmark.record import RecordContext, RunWriter, build_record
 from harness.benchmark.spec import BenchSpec
 
 # Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+DISK_ERRORS = files.DISK_ERRORS
 
 
 
@@ -95,6 +96,7 @@ class BenchRun:
         self.environment = environment(self.device, self.dtype, registry.pm) if world.is_main else {}
         self.reference: Reference | None = None
         self.errors: list[str] = []
+        self.unwritten: list[OSError] = []  # summary.md and plots that could not be written
         self.outdir = Path(spec.outdir)
         self.writer = RunWriter(self.outdir)
         # on_warning is looked up at each warning: the CLI sets it after the run is made.
@@ -149,10 +151,12 @@ class BenchRun:
             raise
         finally:
             if main:
-                try:
-                    self.writer.write_summary()
-                except OSError:
-                    pass  # the records are the source of truth: `harness report` rebuilds the summary from them
+                # The records are the source of truth: `harness report` rebuilds these from them once there is room.
+                self.unwritten = self.writer.write_summary()
+                if self.unwritten:
+                    self.errors.append(f"{report.unwritten(self.outdir, self.unwritten)}; free some space or make "
+                                       f"the folder writable, then `harness report {self.outdir}` writes them from "
+                                       f"{self.records_path.name}.")
         return self.records
 
     def _run_sampler(self, name: str, tasks: list[Task]) -> None:
@@ -252,4 +256,6 @@ class BenchRun:
             self.scorer.score(task, images, prompts, self.reference),
             comparisons,
         )
-        self.writer.add(record)
+        problem = self.writer.add(record)
+        if problem is not None:  # the measurement stands; its grids are missing, which the run's exit code says
+            self.errors.append(problem)

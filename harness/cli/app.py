@@ -173,16 +173,19 @@ def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.Worl
         # A signal can land between a record's line and the in-memory list or summary.md: the file is the truth.
         try:
             finished = report.rebuild(run.outdir, on_warning=lambda warning: _warn([warning]))
-        except HarnessError:
-            finished = []  # not one whole record reached the file
+        except HarnessError:  # not one whole record reached the file, or summary.md could not be rewritten
+            finished = records.read_records(run.records_path, on_skip=lambda _: None)
     if options.html:
         _warn(html_report.write_run_page(run.outdir, finished))
     if options.as_json:
         click.echo(records.dump(finished))
     else:
         click.echo(report.summary_table(finished))
-        written = "records, images, summary.md and index.html" if options.html else "records, images and summary.md"
-        click.echo(f"\n{written} in {run.outdir}", err=True)
+        # Only what is there: a summary.md the disk refused is named by an error below, never claimed here.
+        unwritten = {Path(error.filename).name for error in run.unwritten if error.filename}
+        names = ["records", "images", *(["summary.md"] if records.SUMMARY_FILE not in unwritten else []),
+                 *(["index.html"] if options.html else [])]
+        click.echo(f"\n{', '.join(names[:-1])} and {names[-1]} in {run.outdir}", err=True)
     if interrupted:
         click.echo(f"interrupted: {len(finished)} finished measurement(s) kept in {run.records_path}", err=True)
         sys.exit(ExitCode.INTERRUPTED)

@@ -6,6 +6,7 @@ hidden staging name and renamed. No reader ever sees half a file. Nothing here i
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -28,19 +29,44 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+# Errors that mean the disk cannot take more data (full, over quota, read-only, a file too large).
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+# How libraries that do not raise OSError (safetensors' Rust writer) report a full disk or quota.
+_DISK_FULL_TEXTS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+                    errno.EDQUOT: ("Disk quota exceeded", "os error 122")}
+
+
+def disk_full(error: BaseException) -> str | None:
+    """The reason, when ``error`` means the disk cannot take more data (``No space left on device``), else None."""
+    if isinstance(error, OSError):
+        return (error.strerror or os.strerror(error.errno or 0)) if error.errno in DISK_ERRORS else None
+    text = str(error)
+    return next((os.strerror(code) for code, texts in _DISK_FULL_TEXTS.items() if any(t in text for t in texts)), None)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    An OSError about the temporary file (its folder is missing, the disk is full, ``path`` is a folder the rename
+    cannot replace) is raised naming ``path``, the file the caller asked for, never the temporary name.
+    """
     path = Path(path)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    temp = Path(temp_name)
+    temp: Path | None = None
     try:
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        temp = Path(temp_name)
         yield temp
         os.chmod(temp, _FILE_MODE)  # mkstemp makes 0600 files; results get what the umask gives any new file
         os.replace(temp, path)
+    except OSError as error:
+        if error.filename is None or Path(error.filename).name.startswith(f".{path.stem}-"):
+            raise type(error)(error.errno, error.strerror or str(error), str(path)) from None
+        raise
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
 
 
 def write_folder_atomic(target: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:

@@ -8,6 +8,7 @@ renamed into place, so no reader ever sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -29,21 +30,34 @@ def utc_now() -> str:
 def append_record(path: Path, record: Record) -> None:
     """Append one record as one line, flushed and fsynced: a crash leaves only whole lines before it.
 
-    A symlink in the record file's place is refused rather than followed, so records never land outside
-    the run folder.
+    A write that fails part way (a full disk, a quota) is cut back off the file, so the file ends at its last
+    whole line and the error is raised; a line torn by an earlier crash gets a line end first, so it stays a line
+    of its own that readers name and skip, never the start of this record's line. A symlink in the record file's
+    place is refused rather than followed, so records never land outside the run folder.
     """
-    line = json.dumps(record.to_json(), default=str) + "\n"
+    line = (json.dumps(record.to_json(), default=str) + "\n").encode("utf-8")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError:
         if Path(path).is_symlink():
             raise HarnessError(f"'{path}' is a symbolic link; harness writes records only into a plain file inside "
                                "the run folder: remove the link or pass another --outdir.") from None
         raise
-    with os.fdopen(fd, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # back to the last whole line: never half a record
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_records(path: Path, on_skip: Callable[[str], None] | None = None) -> list[Record]:

@@ -198,23 +198,48 @@ def summary_markdown(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(run_dir: Path, records: Sequence[Record]) -> str:
-    """Write the latency plot and ``summary.md`` (which links the plot)."""
+def write_summary(run_dir: Path, records: Sequence[Record]) -> list[OSError]:
+    """Write the plots and ``summary.md`` (which links each plot written); return the errors of the files that
+    could not be written (each names its file), so no caller can say a file was written that was not.
+
+    A plot that cannot be written is left out of ``summary.md`` rather than linked; the summary is still written.
+    """
     from harness.reporting.plots import write_latency_plot, write_quality_plot
 
+    failed: list[OSError] = []
+
+    def plot(write: Callable[[], Path | None]) -> Path | None:
+        try:
+            return write()
+        except OSError as error:
+            failed.append(error)
+            return None
+
+    run_dir = Path(run_dir)
     text = summary_markdown(records)
-    plot = write_latency_plot(Path(run_dir), records)
-    if plot is not None:
-        text += f"\n![seconds per image against steps]({plot.name})\n"
+    latency = plot(lambda: write_latency_plot(run_dir, records))
+    if latency is not None:
+        text += f"\n![seconds per image against steps]({latency.name})\n"
     scored = [(name, result) for _, measured in successful(records)
               for name, result in measured.metrics.items() if result.get("value") is not None]
     if scored:  # the first metric with values is plotted against latency
         name, result = scored[0]
-        quality = write_quality_plot(Path(run_dir), records, name, bool(result.get("higher_is_better", True)))
+        higher = bool(result.get("higher_is_better", True))
+        quality = plot(lambda: write_quality_plot(run_dir, records, name, higher))
         if quality is not None:
             text += f"\n![{name} against seconds per image, Pareto front in red]({quality.name})\n"
-    write_text_atomic(Path(run_dir) / SUMMARY_FILE, text)
-    return text
+    try:
+        write_text_atomic(run_dir / SUMMARY_FILE, text)
+    except OSError as error:
+        failed.append(error)
+    return failed
+
+
+def unwritten(run_dir: Path, errors: Sequence[OSError]) -> str:
+    """The files of ``errors`` that could not be written, in one line (``cannot write 'summary.md' in 'run': ...``)."""
+    names = [os.path.relpath(error.filename, run_dir) if error.filename else "?" for error in errors]
+    reason = errors[0].strerror or str(errors[0])
+    return f"cannot write {' and '.join(repr(name) for name in names)} in '{run_dir}': {reason}"
 
 
 def _font(size: int = 14) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -364,13 +389,21 @@ def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -
         except (OSError, Image.DecompressionBombError) as error:
             # A missing, truncated, unidentifiable or oversized image: Pillow raises one of these for each.
             on_warning(f"cannot rebuild the grids of {record.sampler} ({record.steps} steps): "
-                       f"{_unreadable(run_dir, error)}; the grid files already there are kept.")
-    write_summary(run_dir, records)
+                       f"{_unreadable(run_dir, error, grid_names(measured))}; the grid files already there are kept.")
+    failed = write_summary(run_dir, records)
+    if failed:
+        raise HarnessError(f"{unwritten(run_dir, failed)}; free some space or make the run folder writable.")
     return records
 
 
-def _unreadable(run_dir: Path, error: Exception) -> str:
-    """Which image is missing or unreadable, named relative to the run folder as records name it."""
-    if isinstance(error, FileNotFoundError) and error.filename:
-        return f"image '{os.path.relpath(error.filename, run_dir)}' is missing"
+def _unreadable(run_dir: Path, error: Exception, grids: Sequence[str] = ()) -> str:
+    """Which image is missing or unreadable, or which grid cannot be written, named relative to the run folder as
+    records name it."""
+    name = os.path.relpath(error.filename, run_dir) if isinstance(error, OSError) and error.filename else None
+    if name is not None and os.path.normpath(name) in {os.path.normpath(grid) for grid in grids}:
+        if isinstance(error, FileNotFoundError):
+            return f"cannot write grid '{name}': its folder '{os.path.dirname(name)}' does not exist"
+        return f"cannot write grid '{name}': {getattr(error, 'strerror', None) or one_line(error)}"
+    if isinstance(error, FileNotFoundError) and name is not None:
+        return f"image '{name}' is missing"
     return one_line(error)

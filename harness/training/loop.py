@@ -130,11 +130,12 @@ class TrainingLoop:
             # Before config.json is written: a tracker that cannot start leaves the run folder as it was.
             self._start_trackers(document, run.progress.step)
             try:
-                self._write_config(document, resume_folder, run.progress)
-                replacement.commit()  # the model loaded and the first step is next: the earlier run goes now
-                self._train_steps(run, dataset)
-                if self.is_main:
-                    files.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+                with self._full_disk_in_one_line():
+                    self._write_config(document, resume_folder, run.progress)
+                    replacement.commit()  # the model loaded and the first step is next: the earlier run goes now
+                    self._train_steps(run, dataset)
+                    if self.is_main:
+                        files.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
             finally:
                 self._finish_trackers()
         self.accelerator.wait_for_everyone()
@@ -222,6 +223,20 @@ class TrainingLoop:
             raise HarnessError(f"the weights became NaN or inf at step {step} ({len(broken)} of {len(run.trainable)} "
                                f"tensors, e.g. {broken[0]}); lower --learning_rate or --max_grad_norm, or train "
                                f"with --mixed_precision no. {self._last_checkpoint_line()}")
+
+    @contextmanager
+    def _full_disk_in_one_line(self) -> Iterator[None]:
+        """A checkpoint, log or final/ that the disk cannot take is one line naming the last intact checkpoint (the
+        folder being written is staged and removed: it never looks complete). safetensors reports a full disk as its
+        own error type, not as an OSError; both are recognised."""
+        try:
+            yield
+        except Exception as error:
+            reason = files.disk_full(error)
+            if reason is None:
+                raise
+            raise HarnessError(f"cannot write to '{self.run_dir}': {reason}; free some space or pass --output_dir on "
+                               f"another disk. {self._last_checkpoint_line()}") from None
 
     def _last_checkpoint_line(self) -> str:
         latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
