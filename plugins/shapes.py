@@ -32,7 +32,7 @@ def shapes_command(out, n, seed, resolution, grammar):
     and OUT/captions/000000.txt, ..., the layout `harness train --data_dir` reads. No held-out evaluation
     combination (`--prompts held-out`, or held-out-closed for the closed grammar) ever occurs.
     """
-    folder = dataset.write_dataset(out, n, seed, resolution, grammar)
+    folder = dataset.write_dataset(out, n, seed, resolution, grammar, notify=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {n} images and captions ({resolution}x{resolution}, seed {seed}, {grammar} grammar) "
                f"to {folder}")
 

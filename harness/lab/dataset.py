@@ -21,13 +21,15 @@ from harness.records.files import write_folder_atomic
 GRAMMARS = ("open", "closed")
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64, grammar: str = "open") -> Path:
+def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64, grammar: str = "open",
+                  notify: Callable[[str], None] | None = None) -> Path:
     """Write ``n`` examples as ``images/000000.png`` + ``captions/000000.txt`` into ``out_dir``.
 
     ``grammar``: "open" (``harness.lab.scenes``: captions that leave attributes, count and layout open) or
     "closed" (``harness.lab.shapes``: every caption fixes the whole picture; the data of the first embedded model).
     The same (n, seed, resolution, grammar) gives the same bytes. ``out_dir`` must not exist or be empty; the set is
-    written to a hidden folder beside it and renamed, so an interrupted run leaves no half data set.
+    written to a hidden folder beside it and renamed, so an interrupted run leaves no half data set; the hidden
+    folder a killed run left is removed by the next run into ``out_dir``, which says so through ``notify``.
     """
     out = Path(out_dir).expanduser()
     if n <= 0:
@@ -60,7 +62,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, resolution: int = 64, 
             (folder / "captions" / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
 
     try:
-        return write_folder_atomic(out, write)
+        return write_folder_atomic(out, write, notify=notify)
     except OSError as error:
         raise HarnessError(f"cannot write the data set to '{out}': {error.strerror or error}; free some space "
                            "or pass an --out on another disk.") from None

@@ -121,6 +121,8 @@ class TrainingLoop:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32)
         with self._holding_run_folder() as replacement:
+            if self.is_main:  # a final/ or checkpoint that a killed run left half replaced, settled before resuming
+                files.recover_folders(self.checkpoint_dir, self.notify)
             resume_folder, resumed = self._resume_state(replacement)
             self.seed = self._shared_seed(resumed)
             run, dataset = self._build(examples)
@@ -135,7 +137,8 @@ class TrainingLoop:
                     replacement.commit()  # the model loaded and the first step is next: the earlier run goes now
                     self._train_steps(run, dataset)
                     if self.is_main:
-                        files.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights)
+                        files.write_folder_atomic(self.checkpoint_dir / checkpoints.FINAL, self.save_weights,
+                                                  notify=self.notify)
             finally:
                 self._finish_trackers()
         self.accelerator.wait_for_everyone()
