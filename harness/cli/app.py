@@ -12,7 +12,6 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
-from tabulate import tabulate
 
 from harness.benchmark import distributed, launch
 from harness.benchmark.launch import CORE_OPTIONS
@@ -22,7 +21,7 @@ from harness.benchmark.spec import BenchOptions, BenchSpec
 from harness.benchmark.timing import TimingSettings
 from harness.cli.compare import compare_command
 from harness.cli.leaderboard import leaderboard_command
-from harness.cli.support import MultiValueCommand, click_errors
+from harness.cli.support import MultiValueCommand, click_errors, say, warn
 from harness.cli.train import train
 from harness.errors import ExitCode, HarnessError
 from harness.hooks.registry import PLUGIN_DIRS_ENV, Registry, get_registry
@@ -32,6 +31,7 @@ from harness.options import build, click_options, multi_value_flags
 from harness.records import store as records
 from harness.reporting import html as html_report
 from harness.reporting import report
+from harness.reporting.markdown import markdown_table
 from harness.version import __version__
 
 
@@ -131,7 +131,7 @@ def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> Non
                 click.echo(json.dumps({"spec": spec.config_dict(spec.seed, spec.prompts),
                                        "tasks": [dataclasses.asdict(task) for task in tasks]}, indent=2, default=str))
             return
-        with launch.prepared_run(registry, spec, options, world, notify=lambda line: click.echo(line, err=True)) as run:
+        with launch.prepared_run(registry, spec, options, world, notify=say) as run:
             run_and_report(run, options, world)
     except HarnessError as error:
         if world.is_main:
@@ -146,19 +146,19 @@ def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.Worl
     """Measure with a progress bar, then print the table (and write the HTML page); exit codes as documented."""
     main = world.is_main  # rank 0 reports for every rank: the others' measurements and errors reach it
     if main and run.model.notice:
-        click.echo(run.model.notice, err=True)
+        say(run.model.notice)
     quiet = options.quiet or not main
     if not quiet:
         processes = f"; {world.size} processes" if world.size > 1 else ""
-        click.echo(f"model: {run.model.name} ({run.model.location}) on {run.device}, {run.dtype}{processes}; "
-                   f"writing to {run.outdir}", err=True)
+        say(f"model: {run.model.name} ({run.model.location}) on {run.device}, {run.dtype}{processes}; "
+            f"writing to {run.outdir}")
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     interrupted = False
     with click.progressbar(length=len(run.tasks), label="bench", file=sys.stderr,
                            hidden=quiet, show_pos=True, item_show_func=lambda item: item) as bar:
         run.on_progress = lambda task: bar.update(1, f"{task.sampler} {task.steps} steps")
-        run.on_warning = lambda warning: click.echo(f"\nWarning: {warning}", err=True)
+        run.on_warning = _warn_below_the_bar
         try:
             run.run()
         except KeyboardInterrupt:
@@ -185,19 +185,25 @@ def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.Worl
         unwritten = {Path(error.filename).name for error in run.unwritten if error.filename}
         names = ["records", "images", *(["summary.md"] if records.SUMMARY_FILE not in unwritten else []),
                  *(["index.html"] if options.html else [])]
-        click.echo(f"\n{', '.join(names[:-1])} and {names[-1]} in {run.outdir}", err=True)
+        click.echo(err=True)
+        say(f"{', '.join(names[:-1])} and {names[-1]} in {run.outdir}")
     if interrupted:
         click.echo(f"interrupted: {len(finished)} finished measurement(s) kept in {run.records_path}", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     if run.errors:
         for error in run.errors:
-            click.echo(f"Error: {error}", err=True)
+            say(f"Error: {error}")
         sys.exit(ExitCode.FAILED)
+
+
+def _warn_below_the_bar(warning: str) -> None:
+    click.echo(err=True)  # off the progress bar's line
+    warn(warning)
 
 
 def _warn(warnings: list[str]) -> None:
     for warning in warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        warn(warning)
 
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
@@ -253,13 +259,7 @@ def plugins_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(
-            tabulate(
-                [list(row.values()) for row in rows],
-                headers=["name", "kind", "source", "description"],
-                tablefmt="github",
-            )
-        )
+        click.echo(markdown_table([list(row.values()) for row in rows], ["name", "kind", "source", "description"]))
 
 
 cli.add_command(compare_command)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli.support import say, warn
 from harness.errors import ExitCode, HarnessError
 from harness.options import FiniteFloat
 from harness.reporting.compare import (
@@ -34,7 +35,7 @@ def write_html(out: Path, sides: Sequence[Side], comparison: Comparison, warning
     if comparison.unmatched:
         tables.append(Table("Not compared", UNMATCHED_HEADERS, unmatched_rows(comparison)))
     for message in write_compare_page(out, sides, tables, [warning] if warning else []):
-        click.echo(f"Warning: {message}", err=True)
+        warn(message)
 
 
 COMPARE_HELP = """Compare the timings of run A (before) with run B (after).
@@ -71,7 +72,7 @@ Example (a CI guard):
 def compare_command(run_a: Path, run_b: Path, fail_above_pct: float | None, as_json: bool,
                     html_out: Path | None) -> None:
     def skip(problem: str) -> None:
-        click.echo(f"Warning: {problem}", err=True)
+        warn(problem)
 
     a_records, b_records = load_run(run_a, "A", skip), load_run(run_b, "B", skip)
     comparison = compare_runs(a_records, b_records)
@@ -80,14 +81,14 @@ def compare_command(run_a: Path, run_b: Path, fail_above_pct: float | None, as_j
                            "guidance, image size and images per call); compare runs made with the same settings.")
     warning = setup_warning(a_records, b_records)
     if warning:
-        click.echo(warning, err=True)
+        say(warning)
     click.echo(comparison_json(comparison) if as_json else comparison_markdown(comparison))
     if html_out is not None:
         write_html(html_out, (Side("A", run_a, a_records), Side("B", run_b, b_records)), comparison, warning)
     if fail_above_pct is not None:
         worst = worst_slowdown(comparison, fail_above_pct)
         if worst is not None:
-            click.echo(f"regression: {describe(worst.key)} is {worst.change_pct:.1f}% slower "
-                       f"({worst.a_seconds_per_image:.4g} -> {worst.b_seconds_per_image:.4g} s/image), "
-                       f"above --fail-above {fail_above_pct:g}%.", err=True)
+            say(f"regression: {describe(worst.key)} is {worst.change_pct:.1f}% slower "
+                f"({worst.a_seconds_per_image:.4g} -> {worst.b_seconds_per_image:.4g} s/image), "
+                f"above --fail-above {fail_above_pct:g}%.")
             sys.exit(ExitCode.FAILED)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from harness.cli.support import say, warn
 from harness.reporting.leaderboard import (
     LEADERBOARD_JSON,
     LEADERBOARD_MD,
@@ -49,15 +50,13 @@ Example:
               help="Where the three files go (default: results/<UTC time>-leaderboard).")
 def leaderboard_command(run_dirs: tuple[Path, ...], metric: str | None, labels: tuple[str, ...],
                         outdir: Path | None) -> None:
-    def warn(problem: str) -> None:
-        click.echo(f"Warning: {problem}", err=True)
-
     runs = load_runs(run_dirs, warn)
     board = build_leaderboard(runs, metric, parse_labels(labels, runs), warn)
     warning = setup_warning(runs)
     if warning:
-        click.echo(warning, err=True)
+        say(warning)
     outdir = outdir if outdir is not None else default_outdir()
     write_leaderboard(outdir, board, title(runs))
     click.echo(board.table())
-    click.echo(f"\n{LEADERBOARD_MD}, {LEADERBOARD_JSON} and {LEADERBOARD_PLOT} in {outdir}", err=True)
+    click.echo(err=True)
+    say(f"{LEADERBOARD_MD}, {LEADERBOARD_JSON} and {LEADERBOARD_PLOT} in {outdir}")

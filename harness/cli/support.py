@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from harness.errors import HarnessError
+from harness.records.text import terminal_text
 
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
@@ -57,9 +58,19 @@ class CommandError(click.ClickException):
     """A HarnessError as click shows it: ``Error: <message>`` and the error's exit code."""
 
     def __init__(self, error: HarnessError):
-        super().__init__(error.message)
+        super().__init__(terminal_text(error.message))  # it may quote a prompt, a file name, a record
         # click declares exit_code on the class; a HarnessError's code differs per error type.
         self.exit_code = int(error.exit_code)  # type: ignore[misc]
+
+
+def say(text: str, err: bool = True) -> None:
+    """Print one line harness composed around text from outside (a prompt, a label, a record's field, a plugin's
+    message): control characters are shown escaped, so it cannot drive the terminal or forge a line."""
+    click.echo(terminal_text(text), err=err)
+
+
+def warn(text: str) -> None:
+    say(f"Warning: {text}")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import pluggy
 
-from harness.cli.support import MultiValueCommand
+from harness.cli.support import MultiValueCommand, say
 from harness.errors import HarnessError
 from harness.hooks.registry import Registered, get_registry
 from harness.options import click_options, multi_value_flags
@@ -69,7 +69,7 @@ def make_trainer_command(entry: Registered[type[Trainer]], plugin_manager: plugg
 def run_trainer(trainer_class: type[Trainer], config: TrainConfig, plugin_manager: pluggy.PluginManager) -> None:
     progress = ProgressBar()
     trainer = trainer_class(config, plugin_manager=plugin_manager, on_step=progress.update,
-                            notify=lambda message: click.echo(message, err=True))
+                            notify=say)
     try:
         final = trainer.train()
     except KeyboardInterrupt:
@@ -78,8 +78,8 @@ def run_trainer(trainer_class: type[Trainer], config: TrainConfig, plugin_manage
         sys.exit(130)
     progress.close()
     if trainer.is_main:
-        click.echo(f"final weights: {final}")
-        click.echo(f"benchmark them: {trainer.benchmark_command(final)}", err=True)
+        say(f"final weights: {final}", err=False)
+        say(f"benchmark them: {trainer.benchmark_command(final)}")
 
 
 class ProgressBar:

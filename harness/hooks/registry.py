@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from harness.errors import HarnessError, one_line
 from harness.hooks import specs as hookspecs
+from harness.records.text import name_problem
 from harness.version import __version__
 
 if TYPE_CHECKING:
@@ -125,6 +126,12 @@ def contract_problem(cls: Any, kind: PluginKind) -> str | None:
     missing = [attribute for attribute in ("name", "description") if not getattr(cls, attribute, "")]
     if missing:
         return f"{kind.kind} class {cls.__name__} does not set {' or '.join(missing)}"
+    # Names become folder and file names of a run (a sampler's, its file_label) and command-line words.
+    label = getattr(cls, "file_label", "")
+    problem = name_problem(getattr(cls, "name", None), kind.kind) or (
+        name_problem(label, f"{kind.kind} file_label") if label else None)
+    if problem is not None:
+        return f"{kind.kind} class {cls.__name__}: {problem}; use letters, digits, '-', '_' or '.', e.g. my-sampler"
     abstract = sorted(getattr(cls, "__abstractmethods__", ()))
     if abstract:
         return f"{kind.kind} class {cls.__name__} does not implement {', '.join(abstract)}"

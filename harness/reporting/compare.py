@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tabulate import tabulate
-
 from harness.errors import HarnessError
 from harness.records.schema import Measured, Record, successful
 from harness.records.store import read_records
+from harness.reporting.markdown import markdown_table
 
 
 class MeasurementKey(NamedTuple):
@@ -146,7 +145,7 @@ def _seconds(value: float) -> str:
 
 def _markdown(rows: list[list[Any]], headers: list[str]) -> str:
     # Cells are formatted here already; tabulate must not re-parse "1.200" into 1.2.
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return markdown_table(rows, headers, disable_numparse=True)
 
 
 MATCHED_HEADERS = [*KEY_HEADERS, "A s/image", "B s/image", "B/A", "change"]

@@ -20,15 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tabulate import tabulate
-
 from harness.errors import HarnessError
 from harness.records.files import write_folder_atomic, write_text_atomic
 from harness.records.schema import Measured, successful
 from harness.records.store import RECORDS_FILE
+from harness.records.text import markdown_cell, markdown_code
 
 if TYPE_CHECKING:
     from harness.reporting.plots import QualitySeries
+from harness.reporting.markdown import markdown_table
 from harness.reporting.runs import Run, check_comparable, lora_location, short_text
 from harness.reporting.training_cost import TrainingCost, lora_name, training_cost
 
@@ -95,16 +95,16 @@ class Leaderboard:
 
     def table(self) -> str:
         # Cells are formatted here already; tabulate must not re-parse "1.200" into 1.2.
-        return tabulate(self.table_rows(), headers=self.headers(), tablefmt="github", disable_numparse=True)
+        return markdown_table(self.table_rows(), self.headers(), disable_numparse=True)
 
     def markdown(self, plot: str | None) -> str:
         direction = "higher" if self.higher_is_better else "lower"
         lines = [
             "# harness leaderboard",
             "",
-            f"- runs: {', '.join(f'`{run}`' for run in self.runs)}",
-            f"- ranked by {self.metric} ({direction} is better) among the rows of the same step count (1 = best); "
-            "Pareto: no other row is both faster and better",
+            f"- runs: {', '.join(markdown_code(run) for run in self.runs)}",
+            f"- ranked by {markdown_cell(self.metric)} ({direction} is better) among the rows of the same step count "
+            "(1 = best); Pareto: no other row is both faster and better",
             "- s/image: the median seconds per image of the timed calls, as each run's summary.md; train: the "
             "optimizer steps, minutes and steps/s of the `harness train` run the LoRA came from (blank: not known)",
             "",
@@ -112,7 +112,7 @@ class Leaderboard:
             "",
         ]
         if plot is not None:
-            lines += [f"![{self.metric} against seconds per image, Pareto front in red]({plot})", ""]
+            lines += [f"![{markdown_cell(self.metric)} against seconds per image, Pareto front in red]({plot})", ""]
         return "\n".join(lines)
 
     def as_json(self) -> str:

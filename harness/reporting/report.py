@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
-from tabulate import tabulate
 
 from harness.errors import HarnessError, one_line
 from harness.records.files import save_image_atomic, write_text_atomic
 from harness.records.schema import Measured, Memory, Record, successful, successful_baselines
 from harness.records.store import RECORDS_FILE, SUMMARY_FILE, read_records
+from harness.records.text import markdown_cell, markdown_code
+from harness.reporting.markdown import markdown_table
 
 # Tiles smaller than this are scaled up (nearest neighbour) so grids of tiny images stay readable.
 MIN_TILE = 128
@@ -95,7 +96,7 @@ def summary_rows(records: Sequence[Record]) -> tuple[list[str], list[list[Any]]]
 def summary_table(records: Sequence[Record]) -> str:
     """The run's timing table in GitHub markdown; few-step rows show their speedup over the baseline."""
     headers, rows = summary_rows(records)
-    return tabulate(rows, headers=headers, tablefmt="github")
+    return markdown_table(rows, headers)
 
 
 def processes(records: Sequence[Record]) -> int:
@@ -130,7 +131,7 @@ def stage_rows(records: Sequence[Record]) -> tuple[list[str], list[list[Any]]]:
 def stage_table(records: Sequence[Record]) -> str:
     """Where the time of one instrumented call goes, stage by stage."""
     headers, rows = stage_rows(records)
-    return tabulate(rows, headers=headers, tablefmt="github")
+    return markdown_table(rows, headers)
 
 
 def _memory(memory: Memory) -> str:
@@ -173,8 +174,8 @@ def summary_markdown(records: Sequence[Record]) -> str:
     lines = [
         "# harness bench",
         "",
-        f"- model: `{config.get('model')}`; device: {env.get('device_name', '')} ({env.get('device', '')}, "
-        f"{env.get('dtype', '')}); images {width}x{height}",
+        f"- model: {markdown_code(config.get('model'))}; device: {markdown_cell(env.get('device_name', ''))} "
+        f"({markdown_cell(env.get('device', ''))}, {markdown_cell(env.get('dtype', ''))}); images {width}x{height}",
         f"- {len(config.get('prompts', []))} prompt(s) x {config.get('num_images')} image(s) per call; seed "
         f"{config.get('seed')}; {config.get('warmup')} warmup call(s), {config.get('repeats')} measured pass(es)",
         "- ms/image: median call / images per call, each call bracketed by a device synchronize; stdev in % of "
@@ -227,7 +228,8 @@ def write_summary(run_dir: Path, records: Sequence[Record]) -> list[OSError]:
         higher = bool(result.get("higher_is_better", True))
         quality = plot(lambda: write_quality_plot(run_dir, records, name, higher))
         if quality is not None:
-            text += f"\n![{name} against seconds per image, Pareto front in red]({quality.name})\n"
+            alt = markdown_cell(name).replace("[", "\\[").replace("]", "\\]")
+            text += f"\n![{alt} against seconds per image, Pareto front in red]({quality.name})\n"
     try:
         write_text_atomic(run_dir / SUMMARY_FILE, text)
     except OSError as error:
