@@ -28,7 +28,7 @@ from harness.benchmark.sampler import GenerationRequest, Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
 from harness.models import loading as models
 from harness.records import files
-from harness.records.environment import environment
+from harness.records.environment import PLUGIN_FAILURES, environment, plugin_failure
 from harness.records.schema import Comparison, Record
 from harness.reporting import report
 
@@ -166,8 +166,8 @@ class BenchRun:
             try:
                 _, load_s = timing.timed(sampler.load, self.device)
                 load_error = None
-            except Exception as error:  # noqa: BLE001 - a failing plugin must not stop the others
-                load_s, load_error = 0.0, one_line(error)
+            except PLUGIN_FAILURES as error:  # a failing plugin must not stop the others, nor end harness
+                load_s, load_error = 0.0, plugin_failure(error)
             # Every rank learns whether all of them loaded: they measure this sampler together or not at all.
             load_error = self._first_failure(distributed.all_gather(load_error, self.world))
             if load_error is None:
@@ -198,8 +198,8 @@ class BenchRun:
             if error.errno in DISK_ERRORS:
                 raise  # nothing more can be written: stop the run
             return None, one_line(error)
-        except Exception as error:  # noqa: BLE001 - a failing plugin must not stop the others
-            return None, one_line(error)
+        except PLUGIN_FAILURES as error:  # a failing plugin must not stop the others, nor end harness
+            return None, plugin_failure(error)
 
     def _first_failure(self, errors: list[str | None]) -> str | None:
         """The first failed rank's error, naming the rank when there are several."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
 import sys
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -40,9 +42,18 @@ class HarnessGroup(click.Group):
 
     def _registry(self, ctx: click.Context) -> Registry:
         registry = get_registry(ctx.params.get("plugin_dir") or ())
-        if not registry.commands_added:
+        if self.built_in is None:
+            self.built_in = dict(self.commands)  # the commands harness itself adds, before any plugin's
+        if registry not in self.by_registry:
+            # Each plugin set its own commands (one process may parse command lines of several: the API, tests).
+            self.commands = dict(self.built_in)
             registry.commands_added = True
-            registry.pm.hook.register_commands(cli=self)
+            # A plugin command may not take a built-in's name: that plugin is broken, and said so on every command.
+            for info in registry.add_commands(self, reserved=GENERATED_COMMANDS):
+                warn(f"the plugin '{info.name}' ({info.source}) is broken: {info.error}; fix or uninstall that "
+                     "plugin (see `harness plugins`).")
+            self.by_registry[registry] = dict(self.commands)
+        self.commands = dict(self.by_registry[registry])
         return registry
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -54,6 +65,9 @@ class HarnessGroup(click.Group):
         if name in GENERATED_COMMANDS:
             return GENERATED_COMMANDS[name](registry)
         return super().get_command(ctx, name)
+
+    built_in: dict[str, click.Command] | None = None
+    by_registry: weakref.WeakKeyDictionary[Registry, dict[str, click.Command]] = weakref.WeakKeyDictionary()
 
     # Parsing (including --help, which loads plugins) and running are where the core's errors surface.
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
@@ -160,7 +174,9 @@ def run_and_report(run: BenchRun, options: BenchOptions, world: distributed.Worl
         run.on_progress = lambda task: bar.update(1, f"{task.sampler} {task.steps} steps")
         run.on_warning = _warn_below_the_bar
         try:
-            run.run()
+            # With --json, stdout carries the records alone: what plugins print while they run goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr) if options.as_json else contextlib.nullcontext():
+                run.run()
         except KeyboardInterrupt:
             interrupted = True
 

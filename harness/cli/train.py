@@ -19,6 +19,7 @@ from harness.cli.support import MultiValueCommand, say
 from harness.errors import HarnessError
 from harness.hooks.registry import Registered, get_registry
 from harness.options import click_options, multi_value_flags
+from harness.records.environment import plugin_failure
 from harness.training.config import TrainConfig, check_run_name
 from harness.training.state import StepReport
 from harness.training.trainer import Trainer
@@ -76,6 +77,10 @@ def run_trainer(trainer_class: type[Trainer], config: TrainConfig, plugin_manage
         progress.close()
         click.echo("interrupted; continue from the newest checkpoint with --resume_from_checkpoint latest.", err=True)
         sys.exit(130)
+    except SystemExit as error:  # the trainer plugin's code called sys.exit(): never a silent exit 0
+        progress.close()
+        raise HarnessError(f"trainer '{trainer_class.name}' stopped: {plugin_failure(error)}; fix or uninstall that "
+                           "plugin.") from None
     progress.close()
     if trainer.is_main:
         say(f"final weights: {final}", err=False)

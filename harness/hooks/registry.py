@@ -6,7 +6,9 @@ third-party ones found in the ``harness`` entry-point group, so they get no spec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -18,8 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from harness.errors import HarnessError, one_line
+from harness.errors import HarnessError
 from harness.hooks import specs as hookspecs
+from harness.records.environment import PLUGIN_FAILURES, plugin_failure
 from harness.records.text import name_problem
 from harness.version import __version__
 
@@ -177,9 +180,14 @@ class Registry:
             source = f"{dist.name} {dist.version}" if dist is not None else "entry point"
             self._register_import(entry_point.name, entry_point, source, lambda ep: ep.load(),
                                   (dist.name, dist.version) if dist is not None else (None, None))
+        folders: dict[Path, Path] = {}
         for directory in plugin_dirs:
-            for path in sorted(Path(directory).glob("*.py")):
-                self._register_import(path.stem, path, f"file {path}", _import_file)
+            folders.setdefault(Path(directory).resolve(), Path(directory))
+        for directory in folders.values():  # each folder once, in the order first given
+            for path in sorted(directory.glob("*.py")):
+                # Two folders may each hold a plugins.py: the second loads too, named by its path.
+                name = path.stem if path.stem not in self.plugins else str(path)
+                self._register_import(name, path, f"file {path}", _import_file)
 
         # Every record and training config names the plugins that made it, with their versions.
         self.pm.register(_PluginVersions(self.plugins), name=VERSIONS_PLUGIN)
@@ -190,13 +198,18 @@ class Registry:
 
     def _register_import(self, name: str, target: Any, source: str, importer: Callable[[Any], Any],
                          distribution: tuple[str | None, str | None] = (None, None)) -> None:
-        if name in self.plugins:
+        if name in self.plugins:  # two installed distributions' entry points of one name: the second is refused
+            refused = f"{name} ({source})"
+            self.plugins[refused] = PluginInfo(refused, source, error=f"another plugin is named '{name}' "
+                                               f"({self.plugins[name].source}); uninstall or rename one of them")
             return
         try:
-            module = importer(target)
+            # A plugin that prints while it loads must not corrupt machine-readable output (--json) on stdout.
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importer(target)
             self.pm.register(module, name=name)
-        except Exception as error:  # noqa: BLE001 - any failure in third-party code is reported
-            self.plugins[name] = PluginInfo(name, source, error=one_line(error))
+        except PLUGIN_FAILURES as error:  # any failure in third-party code is reported, sys.exit() too
+            self.plugins[name] = PluginInfo(name, source, error=plugin_failure(error))
             return
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(module) or [])
         self.plugins[name] = PluginInfo(name, source, hooks=hooks, distribution=distribution[0],
@@ -229,13 +242,46 @@ class Registry:
                 _added[name] = Registered(name, kind.kind, cls, _info.source)
 
             try:
-                caller(register=register)
-            except Exception as error:  # noqa: BLE001 - a failing plugin must not take the others down
-                info.error = f"{kind.hook}: {one_line(error)}"
-                self.pm.unregister(plugin)  # its other hooks (commands, machine info) must not run either
-                self._forget(plugin_name)
+                with contextlib.redirect_stdout(sys.stderr):
+                    caller(register=register)
+            except PLUGIN_FAILURES as error:  # a failing plugin must not take the others down, nor end harness
+                self._break(plugin_name, plugin, f"{kind.hook}: {plugin_failure(error)}")
                 continue
             into.update(added)
+
+    def add_commands(self, cli: Any, reserved: Iterable[str] = ()) -> list[PluginInfo]:
+        """Let each plugin add its commands to ``cli`` (a click group), one plugin at a time; return the plugins
+        this broke.
+
+        A plugin whose ``register_commands`` fails, ends the process, or adds a command under the name of one that
+        is already there (a built-in, one of ``reserved``, another plugin's) or under a name that is not a plain
+        word is broken, and what it added is taken back: the commands that were there stay as they were.
+        """
+        broken = []
+        for plugin_name, plugin in list(self.pm.list_name_plugin()):
+            info = self.plugins.get(plugin_name)
+            if info is None or info.error or "register_commands" not in info.hooks:
+                continue
+            others = [other for other in self.pm.get_plugins() if other is not plugin]
+            caller = self.pm.subset_hook_caller("register_commands", remove_plugins=others)
+            before = dict(cli.commands)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    caller(cli=cli)
+                problem = _command_problem(before, cli.commands, set(reserved))
+            except PLUGIN_FAILURES as error:
+                problem = plugin_failure(error)
+            if problem is not None:
+                cli.commands.clear()
+                cli.commands.update(before)
+                self._break(plugin_name, plugin, f"register_commands: {problem}")
+                broken.append(info)
+        return broken
+
+    def _break(self, plugin_name: str, plugin: Any, error: str) -> None:
+        self.plugins[plugin_name].error = error
+        self.pm.unregister(plugin)  # its other hooks (commands, machine info) must not run either
+        self._forget(plugin_name)
 
     def _forget(self, plugin_name: str) -> None:
         """Drop what a plugin registered by earlier hooks, now that it is broken."""
@@ -271,8 +317,26 @@ class Registry:
         raise HarnessError(f"unknown {kind} '{name}'; known {kind}s: {known}.{hint}")
 
 
+def _command_problem(before: dict[str, Any], after: dict[str, Any], reserved: set[str]) -> str | None:
+    """Why the commands a plugin added (``after`` against ``before``) are not allowed, or None."""
+    for name, command in after.items():
+        if before.get(name) is command:
+            continue
+        if name in before or name in reserved:
+            return f"command '{name}' is already a harness command; a plugin cannot replace it: name yours otherwise"
+        problem = name_problem(name, "command")
+        if problem is not None:
+            return f"{problem}; use letters, digits, '-', '_' or '.'"
+    gone = sorted(set(before) - set(after))
+    return f"it removed the command '{gone[0]}'; a plugin cannot remove commands" if gone else None
+
+
 def _import_file(path: Path) -> ModuleType:
     module_name = f"harness_plugin_file_{path.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != path.resolve():
+        # Another folder's file of the same name: each file keeps a module of its own.
+        module_name += "_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import '{path}' as a Python module")

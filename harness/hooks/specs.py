@@ -68,7 +68,9 @@ def register_commands(cli: click.Group) -> None:
 
     Called once, when the CLI first lists or resolves its commands.
 
-    :param cli: the top-level :class:`click.Group`; use ``@cli.command()`` to add a command.
+    :param cli: the top-level :class:`click.Group`; use ``@cli.command()`` to add a command. A command may not
+        take the name of a built-in command (``bench``, ``train``, ...) or of another plugin's: the plugin is then
+        broken, and the command that was there stays.
     :return: nothing; the return value is ignored.
     """
 

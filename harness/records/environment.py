@@ -6,9 +6,11 @@ stay importable without it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,18 @@ from harness.errors import HarnessError, one_line
 if TYPE_CHECKING:
     import pluggy
     import torch
+
+
+# What a plugin's code may raise that harness catches and names: any error, and SystemExit (sys.exit() in a plugin
+# would otherwise end harness, with exit code 0 for sys.exit(), having done nothing and said nothing).
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+def plugin_failure(error: BaseException) -> str:
+    """A plugin's failure in one line; ``sys.exit()`` is named as what it is."""
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r}), which a plugin may not do (harness would end, saying nothing)"
+    return one_line(error)
 
 
 def environment(device: torch.device, dtype: torch.dtype,
@@ -49,10 +63,11 @@ def environment(device: torch.device, dtype: torch.dtype,
     implementations = [] if plugin_manager is None else plugin_manager.hook.harness_machine_info.get_hookimpls()
     for implementation in reversed(implementations):
         try:
-            implementation.function(info=info)
-        except Exception as error:  # noqa: BLE001
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries --json output
+                implementation.function(info=info)
+        except PLUGIN_FAILURES as error:
             raise HarnessError(f"the plugin '{implementation.plugin_name}' failed in harness_machine_info: "
-                               f"{one_line(error)}; fix or uninstall that plugin.") from None
+                               f"{plugin_failure(error)}; fix or uninstall that plugin.") from None
     return info
 
 
