@@ -84,11 +84,11 @@ def test_prompt_file_lines_and_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "'--steps': 0 is not in the range x>=1"),
-        (["--steps", "-2"], "'--steps': -2 is not in the range x>=1"),
+        (["--steps", "0"], "'--steps': 0 is not in the range 1<=x<=10000"),
+        (["--steps", "-2"], "'--steps': -2 is not in the range 1<=x<=10000"),
         (["--steps", "two"], "'two' is not a valid integer"),
         (["--num_images", "0"], "0 is not in the range x>=1"),
-        (["--baseline_guidance", "-1"], "-1.0 is not in the range x>=0"),
+        (["--baseline_guidance", "-1"], "-1.0 is not in the range 0<=x<=100.0"),
         (["--height", "100"], "--height 100 is not a multiple of 8; pick e.g. 96."),
         (
             ["--sampler", "nope"],

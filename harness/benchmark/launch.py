@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.benchmark import distributed
 from harness.benchmark.plan import RUN_IMAGE
+from harness.benchmark.prompts import lone_surrogate
 from harness.benchmark.runner import BenchRun
 from harness.benchmark.spec import MAX_SEED, BenchOptions, BenchSpec
 from harness.benchmark.suites import load_prompt_set
@@ -108,6 +109,10 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
     elif options.prompt is not None:
         if not options.prompt.strip():
             raise HarnessError("--prompt is empty; give the text to draw.")
+        surrogate = lone_surrogate(options.prompt)
+        if surrogate is not None:
+            raise HarnessError(f"--prompt holds a byte that is not UTF-8 text (kept as {surrogate}); set the terminal "
+                               "to UTF-8, or put the prompt in a UTF-8 --prompts file.")
         prompts = [options.prompt]
     if options.seed is not None and options.seed + max(len(prompts), 1) * options.num_images - 1 > MAX_SEED:
         raise HarnessError(f"--seed {options.seed} is too large: image i of prompt p draws from seed + p * "

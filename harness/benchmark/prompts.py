@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +130,24 @@ def _row_problem(row: object) -> str | None:
         return f"'prompt' is {_kind(row['prompt'])}, not text"
     if not row["prompt"].strip():
         return "'prompt' is empty"
+    surrogate = lone_surrogate(row["prompt"])
+    if surrogate is not None:
+        return (f"'prompt' holds the escape {surrogate}, half of a surrogate pair without its other half, which is no "
+                "character: write the character itself, or both halves of its pair (e.g. \\ud83d\\ude00)")
     return None
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in ``text`` as its escape (``\\ud800``), or None when every character is one.
+
+    JSON's ``\\ud800`` escape without its pair, and a command-line byte that is not UTF-8 (Python keeps it as
+    ``\\udcff``), become such halves: no tokenizer or file can take them.
+    """
+    found = _SURROGATE.search(text)
+    return None if found is None else f"\\u{ord(found.group()):04x}"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _kind(value: object) -> str:

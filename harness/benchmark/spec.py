@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from harness.benchmark import timing
 from harness.models.speed import SpeedOptions
 from harness.options import Options, setting
+from harness.records.schema import MAX_GUIDANCE, MAX_STEPS
 
 if TYPE_CHECKING:
     pass
@@ -48,15 +49,15 @@ class BenchOptions(Options):
                                               "save_to_disk, or a JSONL, CSV or Parquet file (default: the Hugging "
                                               "Face cache, or the hub).")
     steps: tuple[int, ...] = setting((2, 4, 8), "Inference steps of the few-step samplers, e.g. --steps 2 4 8.",
-                                     minimum=1)
+                                     minimum=1, maximum=MAX_STEPS)
     seed: int | None = setting(None, "Random seed (0 to 2**64-1); also put into file names, as the seed demo does.",
                                minimum=0, maximum=MAX_SEED)
     outdir: str | None = setting(None, "Output folder (default: a new results/<UTC time>-<samplers>/).")
     num_images: int = setting(1, "Images per prompt and step setting.", minimum=1)
     compare_baseline: bool = setting(False, "Also run vanilla-sd and write comparison grids (baseline top, "
                                             "few-step bottom).")
-    baseline_steps: int = setting(30, "Steps of baseline samplers.", minimum=1)
-    baseline_guidance: float = setting(7.5, "Guidance scale of baseline samplers.", minimum=0)
+    baseline_steps: int = setting(30, "Steps of baseline samplers.", minimum=1, maximum=MAX_STEPS)
+    baseline_guidance: float = setting(7.5, "Guidance scale of baseline samplers.", minimum=0, maximum=MAX_GUIDANCE)
     baseline_outdir: str | None = setting(None, "Folder for baseline images (default: OUTDIR/baseline).")
     lora_path: str | None = setting(None, "Local LoRA folder or .safetensors file; takes precedence over --lora_id.")
     lora_id: str | None = setting(None, "Hub LoRA id (default: jasperai/flash-sd on SD 1.5, the shipped LoRA on "

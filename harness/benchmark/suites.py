@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.benchmark.prompts import PROMPT_SETS, _read_text, load_prompts
+from harness.benchmark.prompts import PROMPT_SETS, _read_text, load_prompts, lone_surrogate
 from harness.errors import HarnessError
 
 DRAW = "sha256-rank/1"  # recorded: the draw's method, renamed if it ever changes
@@ -372,6 +372,10 @@ def _texts(value: Any) -> list[str] | str:
             item = next((item[name] for name in CAPTION_FIELDS if name in item), None)
         if not isinstance(item, str):
             return f"holds {_kind(item)}, not text"
+        surrogate = lone_surrogate(item)
+        if surrogate is not None:
+            return (f"holds the escape {surrogate}, half of a surrogate pair without its other half, which is no "
+                    "character (write the character itself, or both halves of its pair)")
         if item.strip():
             texts.append(item.strip())
     return texts or "is empty"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from harness.errors import HarnessError
 from harness.hooks import specs as hookspecs
 from harness.records.environment import PLUGIN_FAILURES, plugin_failure
+from harness.records.schema import MAX_GUIDANCE
 from harness.records.text import name_problem
 from harness.version import __version__
 
@@ -135,6 +136,10 @@ def contract_problem(cls: Any, kind: PluginKind) -> str | None:
         name_problem(label, f"{kind.kind} file_label") if label else None)
     if problem is not None:
         return f"{kind.kind} class {cls.__name__}: {problem}; use letters, digits, '-', '_' or '.', e.g. my-sampler"
+    guidance = getattr(cls, "default_guidance", 0.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        return (f"{kind.kind} class {cls.__name__} has default_guidance {guidance!r}, not a number from 0 to "
+                f"{MAX_GUIDANCE:g}")
     abstract = sorted(getattr(cls, "__abstractmethods__", ()))
     if abstract:
         return f"{kind.kind} class {cls.__name__} does not implement {', '.join(abstract)}"

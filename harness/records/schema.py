@@ -24,6 +24,10 @@ SCHEMA = "harness.record/1"
 # so a name of any other kind (records.jsonl, summary.md) would let a record overwrite a file of its run.
 IMAGE_SUFFIX = ".png"
 NAME_MAX = 255  # bytes in one part of a file name (Linux, macOS); a longer name fails at every open
+# The largest step count and guidance scale harness runs (its options stop there): a record beyond them, or below
+# 1 step or guidance 0, was not written by harness, and readers refuse it.
+MAX_STEPS = 10_000
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -213,10 +217,58 @@ class Record:
                 raise RecordError(f"'unet.evaluations' is {record.measured.unet.evaluations}; a count is 0 or more")
             _check_files(record.measured)
             _check_metrics(record.measured.metrics)
+        _check_ranges(record)
         prompts = record.config.get("prompts", [])
         if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
             raise wrong("config.prompts", "a list of texts", prompts)
         return record
+
+
+def _check_ranges(record: Record) -> None:
+    """Values harness never writes (a negative step count, an absurd guidance, a negative time or count) are
+    refused: a reader would divide by them, size tables and grids by them, or report them as measured."""
+    _within("steps", record.steps, 1, MAX_STEPS, "harness runs 1 to 10000 steps")
+    _within("guidance_scale", record.guidance_scale, 0, MAX_GUIDANCE, "harness runs guidance 0 to 100")
+    _within("world_size", record.world_size, 1, None, "a run has 1 process or more")
+    measured = record.measured
+    if measured is None:
+        return
+    timing, stats, unet, stages = measured.timing, measured.timing.seconds_per_call, measured.unet, measured.stages
+    for name, value in (("timing.load_s", timing.load_s), ("timing.first_call_s", timing.first_call_s),
+                        ("timing.seconds_per_call.stdev", stats.stdev), ("timing.seconds_per_call.iqr", stats.iqr),
+                        ("stages.text_encode_s", stages.text_encode_s), ("stages.decode_s", stages.decode_s),
+                        ("unet.evaluations_per_image", unet.evaluations_per_image),
+                        *((f"stages.per_step_s[{i}]", s) for i, s in enumerate(stages.per_step_s)),
+                        *((f"memory.{f.name}", getattr(measured.memory, f.name))
+                          for f in dataclasses.fields(Memory) if getattr(measured.memory, f.name) is not None)):
+        _within(name, value, 0, None, "a measured time, size or count is 0 or more")
+    for name, count in (("unet.calls", unet.calls), ("stages.unet_calls", stages.unet_calls),
+                        ("stages.nonfinite_unet_calls", stages.nonfinite_unet_calls),
+                        ("stages.nonfinite_images", stages.nonfinite_images)):
+        _within(name, count, 0, None, "a count is 0 or more")
+    _within("timing.seconds_per_call.n", stats.n, 1, None, "a measurement times 1 call or more")
+    for index, sample in enumerate(timing.samples_s):
+        if not sample > 0:
+            raise RecordError(f"'timing.samples_s[{index}]' is {sample}; a measured time is above 0")
+    if not 0 < stats.min <= stats.median <= stats.max:
+        raise RecordError(f"'timing.seconds_per_call' has min {stats.min}, median {stats.median}, max {stats.max}; "
+                          "measured times are above 0 and the median lies between the smallest and the largest")
+    for index, size in enumerate(unet.batch_sizes + stages.unet_batch_sizes):
+        _within(f"unet batch_sizes[{index}]", size, 1, None, "a UNet call evaluates 1 latent or more")
+    for index, comparison in enumerate(measured.comparisons):
+        _within(f"comparisons[{index}].baseline_steps", comparison.baseline_steps, 1, MAX_STEPS,
+                "harness runs 1 to 10000 steps")
+    for index, rank in enumerate(measured.ranks):
+        _within(f"ranks[{index}].rank", rank.rank, 0, record.world_size - 1, "a rank is 0 to world_size - 1")
+        _within(f"ranks[{index}].calls", rank.calls, 0, None, "a count is 0 or more")
+        if not rank.seconds_per_image > 0:
+            raise RecordError(f"'ranks[{index}].seconds_per_image' is {rank.seconds_per_image}; a measured time is "
+                              "above 0")
+
+
+def _within(name: str, value: float, low: float, high: float | None, rule: str) -> None:
+    if not low <= value or (high is not None and value > high):
+        raise RecordError(f"'{name}' is {value}; {rule}")
 
 
 def _check_files(measured: Measured) -> None:

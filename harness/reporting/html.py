@@ -123,12 +123,16 @@ def _key_values(mapping: dict[str, Any]) -> str:
     return html_table(["key", "value"], [[key, value] for key, value in mapping.items()])
 
 
+MAX_EMBEDDED_BYTES = 200_000_000  # bytes of images one self-contained page embeds of each run
+
+
 class ImageSource:
     """Image tags for the files one run's records name; collects a warning per file it cannot show."""
 
     def __init__(self, run_dir: Path, embed: bool) -> None:
         self.run_dir = Path(run_dir)
         self.embed = embed  # data: URIs instead of paths relative to the run folder
+        self.embedded = 0  # bytes of images embedded so far (records could name one large file a thousand times)
         self.warnings: list[str] = []
         self._warned: set[str] = set()
 
@@ -154,13 +158,18 @@ class ImageSource:
             return "lies outside the run folder (an absolute path, '..' or a link out of it)"
         if not (self.run_dir / name).is_file():
             return "does not exist"
+        if self.embed and self.embedded + (self.run_dir / name).stat().st_size > MAX_EMBEDDED_BYTES:
+            return (f"is not embedded: the page holds {self.embedded / 1e6:.0f} MB of images already, and embeds at "
+                    f"most {MAX_EMBEDDED_BYTES / 1e6:.0f} MB")
         return None
 
     def _src(self, name: str) -> str:
         if not self.embed:
             return quote(Path(name).as_posix(), errors="surrogateescape")  # a non-UTF-8 name: its own bytes
         mime = mimetypes.guess_type(name)[0] or "image/png"
-        return f"data:{mime};base64,{base64.b64encode((self.run_dir / name).read_bytes()).decode('ascii')}"
+        data = (self.run_dir / name).read_bytes()
+        self.embedded += len(data)
+        return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
     def _warn(self, name: str, problem: str) -> None:
         if name in self._warned:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,20 @@ from harness.reporting.markdown import markdown_table
 MIN_TILE = 128
 LABEL_HEIGHT = 22
 GAP = 4
+# What one record can make a reader do: records are text anyone can edit, and a few kilobytes of them could name
+# a hundred thousand images or one huge one. A grid shows at most MAX_GRID_IMAGES tiles (a comparison grid
+# MAX_COMPARISON_COLUMNS a row) and MAX_GRID_PIXELS pixels in all; an image of more than MAX_SOURCE_PIXELS is not
+# read; a record's first MAX_COMPARISONS comparison grids are made; `harness report` reads MAX_REPORT_IMAGES in all.
+MAX_GRID_IMAGES = 256
+MAX_COMPARISON_COLUMNS = 32
+MAX_GRID_PIXELS = 50_000_000  # 150 MB as RGB
+MAX_SOURCE_PIXELS = 4096 * 4096 * 2
+MAX_COMPARISONS = 16
+MAX_REPORT_IMAGES = 4096
+
+
+class GridLimitError(ValueError):
+    """An image a record names is larger than a grid reads (``MAX_SOURCE_PIXELS``)."""
 
 
 def _ms(seconds: float | None) -> str:
@@ -295,15 +310,34 @@ def row_label(record: Record, measured: Measured) -> str:
     return f"{record.sampler} | {record.steps} steps | cfg {record.guidance_scale:g} | {seconds:.3f} s/image"
 
 
-def write_grids(run_dir: Path, record: Record, baselines: Sequence[Record]) -> None:
-    """Write the record's grid and its comparison grids against each baseline record."""
+@dataclass
+class GridsMade:
+    """What :func:`write_grids` did: how many images it read, and what it left out to stay within its limits."""
+
+    images_read: int = 0
+    left_out: list[str] = field(default_factory=list)
+
+
+def write_grids(run_dir: Path, record: Record, baselines: Sequence[Record]) -> GridsMade:
+    """Write the record's grid and its comparison grids against each baseline record, within the limits above.
+
+    Each image is read and scaled to its tile one at a time, so memory holds tiles, never the originals."""
     run_dir = Path(run_dir)
     measured = record.measured
+    made = GridsMade()
     if measured is None:
-        return
-    images = [_open_image(run_dir, name) for name in measured.images]
-    save_image_atomic(image_grid(images), run_dir / measured.grid)
-    for comparison in measured.comparisons:
+        return made
+    names = measured.images[:MAX_GRID_IMAGES]
+    tile = _tile_of(run_dir, names[0])
+    names = names[:_tiles_that_fit(len(names), tile)]
+    if len(names) < len(measured.images):
+        made.left_out.append(f"its grid shows the first {len(names)} of the {len(measured.images)} images it names")
+    save_image_atomic(image_grid([_open_tile(run_dir, name, tile) for name in names]), run_dir / measured.grid)
+    made.images_read += len(names)
+    if len(measured.comparisons) > MAX_COMPARISONS:
+        made.left_out.append(f"only the first {MAX_COMPARISONS} of its {len(measured.comparisons)} comparison grids "
+                             "are made")
+    for comparison in measured.comparisons[:MAX_COMPARISONS]:
         baseline = next(
             ((b, bm) for b, bm in successful(baselines)
              if b.sampler == comparison.baseline_sampler and b.steps == comparison.baseline_steps),
@@ -311,17 +345,53 @@ def write_grids(run_dir: Path, record: Record, baselines: Sequence[Record]) -> N
         )
         if baseline is None:
             continue
-        top = [_open_image(run_dir, name) for name in baseline[1].images]
-        grid = comparison_grid([(row_label(*baseline), top), (row_label(record, measured), images)])
+        top_names = baseline[1].images
+        tile = _tile_of(run_dir, top_names[0])
+        columns = min(MAX_COMPARISON_COLUMNS, max(1, MAX_GRID_PIXELS // (2 * tile[0] * tile[1])))
+        top = [_open_tile(run_dir, name, tile) for name in top_names[:columns]]
+        bottom = [_open_tile(run_dir, name, tile) for name in measured.images[:columns]]
+        made.images_read += len(top) + len(bottom)
+        if columns < max(len(top_names), len(measured.images)):
+            made.left_out.append(f"its comparison grid '{comparison.path}' shows the first {columns} images of each "
+                                 "row")
+        grid = comparison_grid([(row_label(*baseline), top), (row_label(record, measured), bottom)])
         save_image_atomic(grid, run_dir / comparison.path)
+    return made
 
 
-def _open_image(run_dir: Path, name: str) -> Image.Image:
-    """An image of the run, fully read (so a truncated file fails here, not while pasting)."""
+def _tiles_that_fit(count: int, tile: tuple[int, int]) -> int:
+    """How many of ``count`` tiles a near-square grid (``image_grid``) holds within MAX_GRID_PIXELS (1 at least)."""
+    def canvas(tiles: int) -> int:
+        columns = math.ceil(math.sqrt(tiles))
+        return columns * math.ceil(tiles / columns) * (tile[0] + GAP) * (tile[1] + GAP)
+
+    while count > 1 and canvas(count) > MAX_GRID_PIXELS:
+        count = min(count - 1, max(1, MAX_GRID_PIXELS // ((tile[0] + GAP) * (tile[1] + GAP))))
+    return count
+
+
+def _tile_of(run_dir: Path, name: str) -> tuple[int, int]:
+    """The tile size of a grid whose first image is ``name``, from its header alone (no pixel decoded)."""
+    with Image.open(run_dir / name) as first:
+        _check_size(name, first)
+        return _tile_size([first])
+
+
+def _check_size(name: str, image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_SOURCE_PIXELS:
+        raise GridLimitError(f"image '{name}' is {width}x{height} pixels, more than the {MAX_SOURCE_PIXELS} a grid "
+                             "reads")
+
+
+def _open_tile(run_dir: Path, name: str, tile: tuple[int, int]) -> Image.Image:
+    """An image of the run, fully read (so a truncated file fails here, not while pasting), scaled to ``tile`` as
+    the grids draw it (nearest neighbour)."""
     with Image.open(run_dir / name) as opened:
+        _check_size(name, opened)
         opened.load()
-        image: Image.Image = opened.copy()
-    return image
+        tiled: Image.Image = opened.convert("RGB").resize(tile, Image.Resampling.NEAREST)
+    return tiled
 
 
 def inside_run_folder(run_dir: Path, name: Any) -> bool:
@@ -372,6 +442,7 @@ def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -
         raise HarnessError(f"'{run_dir / RECORDS_FILE}' holds no record ({len(skipped)} line(s) skipped); "
                            f"{SUMMARY_FILE} and the grids are left as they are. Pass the folder of a finished run.")
     baselines = [record for record, measured in successful_baselines(records) if not files_outside(run_dir, measured)]
+    read = 0
     sources = {(run_dir / name).resolve() for _, measured in successful(records) for name in measured.images
                if inside_run_folder(run_dir, name)}
     for record, measured in successful(records):
@@ -386,9 +457,17 @@ def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -
             on_warning(f"not rebuilding the grids of {record.sampler} ({record.steps} steps): its grid "
                        f"'{overwrites[0]}' is one of the run's images, which a grid must not replace.")
             continue
+        if read >= MAX_REPORT_IMAGES:
+            on_warning(f"not rebuilding the grids of {record.sampler} ({record.steps} steps): this report has read "
+                       f"{read} images, its limit ({MAX_REPORT_IMAGES}); the grid files already there are kept.")
+            continue
         try:
-            write_grids(run_dir, record, baselines)
-        except (OSError, Image.DecompressionBombError) as error:
+            made = write_grids(run_dir, record, baselines)
+            read += made.images_read
+            for note in made.left_out:
+                on_warning(f"the grids of {record.sampler} ({record.steps} steps): {note} (the limit of what a "
+                           "record may make harness report read).")
+        except (OSError, Image.DecompressionBombError, GridLimitError) as error:
             # A missing, truncated, unidentifiable or oversized image: Pillow raises one of these for each.
             on_warning(f"cannot rebuild the grids of {record.sampler} ({record.steps} steps): "
                        f"{_unreadable(run_dir, error, grid_names(measured))}; the grid files already there are kept.")
@@ -401,6 +480,8 @@ def rebuild(run_dir: Path, on_warning: Callable[[str], None] = lambda _: None) -
 def _unreadable(run_dir: Path, error: Exception, grids: Sequence[str] = ()) -> str:
     """Which image is missing or unreadable, or which grid cannot be written, named relative to the run folder as
     records name it."""
+    if isinstance(error, GridLimitError):
+        return str(error)
     name = os.path.relpath(error.filename, run_dir) if isinstance(error, OSError) and error.filename else None
     if name is not None and os.path.normpath(name) in {os.path.normpath(grid) for grid in grids}:
         if isinstance(error, FileNotFoundError):
