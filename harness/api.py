@@ -91,6 +91,11 @@ def bench(*, registry: Registry | None = None, on_progress: Callable[[Task], Non
     if bench_options.html and world.is_main:
         for warning in html_report.write_run_page(run.outdir, run.records):
             warn(warning)
+    if run.unwritten:  # the records are whole on disk; what could not be written is one line, as on the CLI
+        from harness.reporting.report import unwritten
+
+        raise HarnessError(f"{unwritten(run.outdir, run.unwritten)}; free some space or make the run folder "
+                           f"writable. The records are in {run.records_path}.")
     return list(run.records)
 
 

@@ -61,3 +61,24 @@ def test_the_documented_python_example_runs(tmp_path, embedded_model):
     assert Path(tmp_path, final).is_dir() and final.endswith("final") and command.startswith("harness bench")
     assert (tmp_path / "student-run" / "records.jsonl").is_file()
     assert run.stderr == ""  # quiet by default: no progress bars, no library notices
+
+
+def test_a_summary_that_cannot_be_written_is_an_error_and_the_records_stay(tmp_path, monkeypatch, embedded_model):
+    import errno
+    import os
+
+    from harness.reporting import report
+
+    real = report.write_text_atomic
+
+    def refuse_summary(path, text):
+        if path.name == "summary.md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, text)
+
+    monkeypatch.setattr(report, "write_text_atomic", refuse_summary)
+    outdir = tmp_path / "run"
+    with pytest.raises(harness.HarnessError, match=rf"^cannot write 'summary.md' in '{outdir}': No space left on "
+                                                   r"device; .*The records are in .*records.jsonl\.$"):
+        harness.bench(sampler="flash-lcm", steps=2, seed=1, warmup=0, repeats=1, outdir=outdir)
+    assert [record.steps for record in harness.read_records(outdir)] == [2]

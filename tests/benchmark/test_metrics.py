@@ -93,9 +93,10 @@ def test_no_quality_metric_runs_on_random_weights(tmp_path):
 
 
 def test_unknown_metric_lists_the_known_ones():
-    result = invoke("bench", "--dry-run", "--metric", "fid")
+    result = invoke("bench", "--dry-run", "--metric", "is")  # Inception score: not a harness metric
     assert result.exit_code == 2
-    assert "unknown metric 'fid'; known metrics: clip-score, coverage, fidelity, psnr, ssim." in result.output
+    assert ("unknown metric 'is'; known metrics: clip-score, cmmd, coverage, fd-dinov2, fd-lab, fid, fidelity, kid, "
+            "psnr, ssim." in result.output)
 
 
 def test_plugins_lists_metrics():
