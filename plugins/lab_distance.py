@@ -10,23 +10,22 @@ object) and how varied it is (a sampler that puts every object in one place has 
 histogram), so it is a distribution metric the lab can compute on a laptop: a student far from its
 teacher's distribution of pictures scores high even when every single picture is plausible.
 
-The maths is torchmetrics' ``FrechetInceptionDistance`` with these features as its feature extractor: its
-state (sums of the features and of their outer products) updates batch by batch and merges across
-processes, and ``compute()`` gives ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+The maths is the other set metrics' (``harness_plugins.set_metrics``): torchmetrics'
+``FrechetInceptionDistance`` with these features as its feature extractor, whose state (sums of the features
+and of their outer products) updates batch by batch and merges across processes, and whose ``compute()``
+gives ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
+from harness_plugins.set_metrics import SetMetric, frechet
 from PIL import Image
 
 import harness
 from harness.lab import judge, shapes
 
-BATCH = 64
 POSITIONS = tuple(shapes.ANCHORS)
 COUNTS = 5  # 0, 1, 2, 3, 4 or more objects
 
@@ -49,53 +48,31 @@ def lab_features(image: Image.Image) -> np.ndarray:
     return np.concatenate([background, count, colour, shape, position, large, ink, rest]).astype(np.float64)
 
 
-class LabFeatures(torch.nn.Module):
-    """``lab_features`` as the feature extractor torchmetrics calls: uint8 images (N, 3, H, W) in, (N, D) out."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pictures = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images]
-        return torch.from_numpy(np.stack([lab_features(picture) for picture in pictures]))
-
-
-def to_uint8(images: list[Any]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
-
-
-class FdLab(harness.Metric):
-    name = "fd-lab"
-    description = ("Frechet distance to the baseline's pictures on the lab judge's readings (needs no network; "
-                   "lower is closer). Needs --compare_baseline.")
-    higher_is_better = False
-    needs_reference = True
-
-    def score(self, data: harness.MetricInput) -> dict[str, Any]:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        assert data.references is not None  # needs_reference: the runner skips the metric without one
-        if len(data.images) < 2 or len(data.references) < 2:
-            raise harness.HarnessError("fd-lab needs at least 2 images on each side to fit a covariance; pass "
-                                       "more prompts or --num_images 2 or more.")
-        width, height = data.images[0].size
-        distance = FrechetInceptionDistance(feature=LabFeatures(), input_img_size=(3, height, width),
-                                            reset_real_features=False)
-        distance.set_dtype(torch.float64)
-        for side, images in ((True, data.references), (False, data.images)):
-            for start in range(0, len(images), BATCH):
-                distance.update(to_uint8(list(images[start:start + BATCH])), real=side)
-        value = float(distance.compute())
-        if not np.isfinite(value):
-            raise harness.HarnessError("fd-lab came out NaN: the features of one side have no spread; pass more "
-                                       "prompts or seeds.")
-        return {"value": max(value, 0.0), "features": f"lab judge readings ({len(lab_features_names())} values)",
-                "resize": "none (the judge reads each picture at its own size)",
-                "n": len(data.images), "reference_n": len(data.references)}
-
-
 def lab_features_names() -> list[str]:
     """The name of each value of :func:`lab_features`, in order."""
     return ([f"background={name}" for name in shapes.COLOUR_NAMES] + [f"count={n}" for n in range(COUNTS)]
             + [f"colour={name}" for name in shapes.COLOUR_NAMES] + [f"shape={name}" for name in shapes.SHAPES]
             + [f"position={name}" for name in POSITIONS] + ["large", "ink", "solidity", "background_drift"])
+
+
+def extract(images: torch.Tensor) -> torch.Tensor:
+    """``lab_features`` over a batch: uint8 pictures (N, 3, H, W) in, (N, D) out."""
+    pictures = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images]
+    return torch.from_numpy(np.stack([lab_features(picture) for picture in pictures]))
+
+
+class FdLab(SetMetric):
+    name = "fd-lab"
+    description = ("Frechet distance to the baseline's pictures on the lab judge's readings (needs no network; "
+                   "lower is closer). Needs --compare_baseline.")
+    features_name = f"lab judge readings ({len(lab_features_names())} values)"
+    resize = "none (the judge reads each picture at its own size)"
+
+    def extractor(self):
+        return extract
+
+    def distance(self, extract, images, references) -> float:
+        return frechet(extract, images, references)
 
 
 @harness.hookimpl
