@@ -50,7 +50,7 @@ _PUBLIC = {
     "read_records": "harness.records.store", "RECORDS_FILE": "harness.records.store",
     "write_folder_atomic": "harness.records.files",
     "TrainingRun": "harness.records.training_run", "json_objects": "harness.records.training_run",
-    "comparison_grid": "harness.reporting.report",
+    "comparison_grid": "harness.reporting.grids",
 }
 # Public names that are another name in their module.
 _RENAMED = {"lora_distance": "distance"}
@@ -103,7 +103,7 @@ if TYPE_CHECKING:
     from harness.records.schema import Measured, Record, successful, successful_baselines
     from harness.records.store import RECORDS_FILE, read_records
     from harness.records.training_run import TrainingRun, json_objects
-    from harness.reporting.report import comparison_grid
+    from harness.reporting.grids import comparison_grid
     from harness.training.checkpoints import FINAL
     from harness.training.config import TrainConfig
     from harness.training.data import centre_crop, find_examples, to_pixels

@@ -14,7 +14,7 @@ from harness.records import files
 from harness.records import store as records
 from harness.records.schema import Comparison, Measured, Memory, RankFigures, Record, Timing, UnetCounts
 from harness.records.stats import Stats
-from harness.reporting import report
+from harness.reporting import grids, report
 
 if TYPE_CHECKING:
     pass
@@ -152,7 +152,7 @@ class RunWriter:
         problem, stop = None, None
         if record.measured is not None:
             try:
-                report.write_grids(self.outdir, record, [r for r in self.records if r.baseline and r.ok])
+                grids.write_grids(self.outdir, record, [r for r in self.records if r.baseline and r.ok])
             except OSError as error:
                 name = os.path.relpath(error.filename, self.outdir) if error.filename else record.measured.grid
                 problem = (f"the grids of {record.sampler} ({record.steps} steps) were not written: '{name}': "

@@ -26,7 +26,7 @@ from harness.records import files
 from harness.records.environment import environment
 from harness.records.rundir import Replacement, RunFolder
 from harness.records.training_run import CONFIG_FILE, LOG_FILE, TRACKERS_FOLDER, VALIDATION_FOLDER, logged_step
-from harness.reporting import report
+from harness.reporting import grids
 from harness.training import checkpoints, trackers
 from harness.training.checkpoints import TrainingState
 from harness.training.data import ImageCaptionDataset, StreamBatchSampler, find_examples
@@ -463,7 +463,7 @@ class TrainingLoop:
             if rows:
                 folder = self.run_dir / VALIDATION_FOLDER
                 folder.mkdir(parents=True, exist_ok=True)
-                grid, path = report.comparison_grid(rows), folder / f"step-{step:06d}.png"
+                grid, path = grids.comparison_grid(rows), folder / f"step-{step:06d}.png"
                 files.save_image_atomic(grid, path)
                 trackers.log_grid(self.accelerator, grid, path, step, VALIDATION_FOLDER)
         self.accelerator.wait_for_everyone()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from harness.records import files, store
 from harness.records.store import append_record, read_records
-from harness.reporting import plots, report
+from harness.reporting import grids, plots, report
 from tests.conftest import invoke, make_record, record_json
 
 FAST = ("--steps", "2", "--warmup", "0", "--repeats", "1", "--quiet")
@@ -174,14 +174,14 @@ def test_a_grid_that_cannot_be_written_keeps_the_finished_measurement(tmp_path, 
 
 def test_a_full_disk_while_writing_a_grid_keeps_its_record_and_stops_in_one_line(tmp_path, monkeypatch,
                                                                                   embedded_model):
-    real = report.save_image_atomic
+    real = grids.save_image_atomic
 
     def full_at_grids(image, path):
         if path.name.startswith("grid"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(image, path)
 
-    monkeypatch.setattr(report, "save_image_atomic", full_at_grids)
+    monkeypatch.setattr(grids, "save_image_atomic", full_at_grids)
     outdir = tmp_path / "run"
     result = invoke("bench", "--outdir", outdir, "--steps", "2", "4", *FAST[2:])
     assert result.exit_code == 2
@@ -198,7 +198,7 @@ def test_a_missing_grid_folder_is_named_by_its_real_name(tmp_path):
     record = make_record(steps=2, grid="gone/grid_s2.png", images=["image_s2_i0.png"])
     Image.new("RGB", (8, 8)).save(tmp_path / "image_s2_i0.png")
     with pytest.raises(FileNotFoundError) as raised:
-        report.write_grids(tmp_path, record, [])
+        grids.write_grids(tmp_path, record, [])
     assert raised.value.filename == str(tmp_path / "gone" / "grid_s2.png")
     warnings = []
     append_record(tmp_path / store.RECORDS_FILE, record)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from harness.lab.dataset import write_dataset
 from harness.lab.scenes import held_out_prompts
-from harness.reporting.report import GAP, LABEL_HEIGHT, MIN_TILE
+from harness.reporting.grids import GAP, LABEL_HEIGHT, MIN_TILE
 from tests.conftest import invoke, record_json
 from tests.training.test_train_data import write_shapes
 

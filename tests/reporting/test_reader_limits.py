@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from harness.records.store import append_record
-from harness.reporting import html, report
+from harness.reporting import grids, html, report
 from tests.conftest import invoke, make_record
 
 
@@ -33,11 +33,11 @@ def test_a_record_naming_a_hundred_thousand_images_gets_a_grid_of_the_first_256(
         "limit of what a record may make harness report read)."]
     with Image.open(tmp_path / "grid_s4.png") as grid:
         tiles = 16  # 256 tiles: 16 x 16 of 128 pixels (the smallest tile), 4 pixels apart
-        assert grid.size == (tiles * 128 + (tiles - 1) * report.GAP,) * 2
+        assert grid.size == (tiles * 128 + (tiles - 1) * grids.GAP,) * 2
 
 
 def test_a_grid_stays_within_its_pixel_budget_whatever_the_image_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "MAX_GRID_PIXELS", 10 * 256 * 256)
+    monkeypatch.setattr(grids, "MAX_GRID_PIXELS", 10 * 256 * 256)
     _image(tmp_path / "big.png", (256, 256))
     append_record(tmp_path / "records.jsonl", make_record(steps=4, images=["big.png"] * 40, grid="grid.png"))
     report.rebuild(tmp_path)
@@ -46,7 +46,7 @@ def test_a_grid_stays_within_its_pixel_budget_whatever_the_image_size(tmp_path, 
 
 
 def test_an_image_too_large_to_read_is_refused_by_its_header(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "MAX_SOURCE_PIXELS", 100 * 100)
+    monkeypatch.setattr(grids, "MAX_SOURCE_PIXELS", 100 * 100)
     _image(tmp_path / "huge.png", (200, 200))
     append_record(tmp_path / "records.jsonl", make_record(steps=4, images=["huge.png"], grid="grid.png"))
     opened = []
@@ -70,10 +70,10 @@ def test_comparisons_and_their_columns_are_capped(tmp_path):
         append_record(tmp_path / "records.jsonl", record)
     warnings = []
     report.rebuild(tmp_path, on_warning=warnings.append)
-    assert len(list(tmp_path.glob("compare_*.png"))) == report.MAX_COMPARISONS
+    assert len(list(tmp_path.glob("compare_*.png"))) == grids.MAX_COMPARISONS
     assert any("only the first 16 of its 40 comparison grids are made" in warning for warning in warnings)
     with Image.open(tmp_path / "compare_0.png") as grid:
-        assert grid.size[0] == report.MAX_COMPARISON_COLUMNS * 128 + (report.MAX_COMPARISON_COLUMNS - 1) * report.GAP
+        assert grid.size[0] == grids.MAX_COMPARISON_COLUMNS * 128 + (grids.MAX_COMPARISON_COLUMNS - 1) * grids.GAP
 
 
 def test_a_report_reads_a_bounded_number_of_images_in_all(tmp_path, monkeypatch):
@@ -96,9 +96,9 @@ def test_grids_of_an_ordinary_run_are_unchanged_by_the_limits(tmp_path):
         _image(tmp_path / f"image_s4_i{index}.png", (48, 32), colour)
     names = [f"image_s4_i{index}.png" for index in range(5)]
     record = make_record(steps=4, images=names, grid="grid.png")
-    report.write_grids(tmp_path, record, [])
+    grids.write_grids(tmp_path, record, [])
     with Image.open(tmp_path / "grid.png") as written:
-        expected = report.image_grid([Image.open(tmp_path / name) for name in names])
+        expected = grids.image_grid([Image.open(tmp_path / name) for name in names])
         assert written.tobytes() == expected.tobytes()
 
 
