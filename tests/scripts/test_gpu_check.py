@@ -123,7 +123,7 @@ def test_without_cuda_the_check_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "Error: no CUDA device visible to PyTorch; run this on a GPU machine with a CUDA build of torch "
-        "(see README: GPU setup)."
+        "(see docs/guides/gpu.md)."
     ]
     assert not (tmp_path / "work").exists()
 
