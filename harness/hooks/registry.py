@@ -56,6 +56,7 @@ DEFAULT_PLUGINS = (
     "harness_plugins.clip_score",
     "harness_plugins.lab_distance",
     "harness_plugins.set_metrics",
+    "harness_plugins.preference",
 )
 
 

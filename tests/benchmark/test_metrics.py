@@ -96,7 +96,7 @@ def test_unknown_metric_lists_the_known_ones():
     result = invoke("bench", "--dry-run", "--metric", "is")  # Inception score: not a harness metric
     assert result.exit_code == 2
     assert ("unknown metric 'is'; known metrics: clip-score, cmmd, coverage, fd-dinov2, fd-lab, fid, fidelity, kid, "
-            "psnr, ssim." in result.output)
+            "pickscore, psnr, ssim." in result.output)
 
 
 def test_plugins_lists_metrics():
