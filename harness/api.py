@@ -71,13 +71,16 @@ def bench(*, registry: Registry | None = None, on_progress: Callable[[Task], Non
     registry = registry if registry is not None else get_registry()
     core = [param for options_class in launch.CORE_OPTIONS for param in click_options(options_class)]
     owners, plugin_params = launch.plugin_options(registry, {param.name for param in core if param.name})
-    for name in sorted(_field_names(core, options) & PRINTING_ONLY.keys()):
-        keyword = next(k for k in options if name in _field_names(core, {k: None}))
-        raise HarnessError(f"harness.bench() has no {keyword}= option ({PRINTING_ONLY[name]}); leave it out.")
-    values = parse_keywords("harness.bench()", [*core, *plugin_params], options)
+    params = [*core, *plugin_params]
+    by_keyword = keyword_map(params)
+    named = {keyword: by_keyword[keyword].name for keyword in options if keyword in by_keyword}
+    for keyword, name in named.items():
+        if name in PRINTING_ONLY:
+            raise HarnessError(f"harness.bench() has no {keyword}= option ({PRINTING_ONLY[name]}); leave it out.")
+    values = parse_keywords("harness.bench()", params, options)
     plugin_values = {name: values.pop(name) for name in owners}
     bench_options = build(BenchOptions, values)
-    given = {name: owners[name] for name in owners if name in _field_names([*plugin_params], options)}
+    given = {name: owners[name] for name in owners if name in named.values()}  # a plugin option not left at default
     spec = launch.build_spec(registry, bench_options, build(TimingSettings, values), build(SpeedOptions, values),
                              plugin_values, given)
     quiet_libraries()
@@ -129,13 +132,7 @@ def parse_keywords(caller: str, params: list[click.Parameter], keywords: Mapping
     A keyword is a flag without its dashes, in either spelling (``num_images``, ``sampler``); the field name
     (``samplers``) is taken too. Options not given take their defaults.
     """
-    by_keyword: dict[str, click.Parameter] = {}
-    for param in params:
-        for flag in [*param.opts, *param.secondary_opts]:
-            if flag.startswith("-"):
-                by_keyword.setdefault(flag.lstrip("-").replace("-", "_"), param)
-        if param.name:
-            by_keyword.setdefault(param.name, param)
+    by_keyword = keyword_map(params)
     ctx = click.Context(click.Command(caller))
     values: dict[str, Any] = {param.name: param.get_default(ctx) for param in params if param.name}
     for keyword, value in keywords.items():
@@ -157,15 +154,22 @@ def parse_keywords(caller: str, params: list[click.Parameter], keywords: Mapping
     return values
 
 
-def _secondary(param: click.Option) -> set[str]:
-    return {flag.lstrip("-").replace("-", "_") for flag in param.secondary_opts}
-
-
-def _field_names(params: Iterable[click.Parameter], keywords: Mapping[str, Any]) -> set[str]:
-    """The field names of the params that ``keywords`` name (a plugin option given, not left at its default)."""
-    named = set()
+def keyword_map(params: Iterable[click.Parameter]) -> dict[str, click.Parameter]:
+    """Each keyword a caller may pass, to its parameter: every flag without its dashes, in either spelling, and
+    the field name."""
+    by_keyword: dict[str, click.Parameter] = {}
     for param in params:
-        flags = {flag.lstrip("-").replace("-", "_") for flag in [*param.opts, *param.secondary_opts]} | {param.name}
-        if flags & set(keywords) and param.name:
-            named.add(param.name)
-    return named
+        for flag in [*param.opts, *param.secondary_opts]:
+            if flag.startswith("-"):
+                by_keyword.setdefault(_keyword(flag), param)
+        if param.name:
+            by_keyword.setdefault(param.name, param)
+    return by_keyword
+
+
+def _keyword(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _secondary(param: click.Option) -> set[str]:
+    return {_keyword(flag) for flag in param.secondary_opts}
