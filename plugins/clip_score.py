@@ -47,18 +47,7 @@ class ClipScoreMetric(Metric):
                 torch.cuda.empty_cache()
 
     def _score(self, model, processor, data: MetricInput) -> dict:
-        # CLIP's text encoder has a fixed context (77 tokens): longer prompts are cut, as torchmetrics does.
-        max_tokens = model.config.text_config.max_position_embeddings
-        cosines = []
-        with torch.inference_mode():
-            for start in range(0, len(data.images), BATCH):
-                images = [image.convert("RGB") for image in data.images[start:start + BATCH]]
-                prompts = list(data.prompts[start:start + BATCH])
-                inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True,
-                                   truncation=True, max_length=max_tokens).to(self.config.device)
-                output = model(**inputs)
-                # CLIPModel returns unit-length embeddings, so the row-wise dot product is the cosine.
-                cosines += (output.image_embeds * output.text_embeds).sum(dim=-1).tolist()
+        cosines = image_text_cosines(model, processor, data, self.config.device)
         cosine = sum(cosines) / len(cosines)
         return {
             "value": 100 * max(cosine, 0.0),
@@ -88,6 +77,23 @@ class ClipScoreMetric(Metric):
         return (f"cannot load CLIP model '{self.clip_model}': {reason}. To fix: pass --clip_model with a local "
                 "folder (CLIPModel + CLIPProcessor saved with save_pretrained), or run `huggingface-cli login` "
                 "and check the network.")
+
+
+def image_text_cosines(model, processor, data: MetricInput, device: torch.device) -> list[float]:
+    """The cosine of each picture's and its prompt's CLIP embeddings, in batches of BATCH (clip-score, pickscore)."""
+    # CLIP's text encoder has a fixed context (77 tokens): longer prompts are cut, as torchmetrics does.
+    max_tokens = model.config.text_config.max_position_embeddings
+    cosines: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(data.images), BATCH):
+            images = [image.convert("RGB") for image in data.images[start:start + BATCH]]
+            prompts = list(data.prompts[start:start + BATCH])
+            inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True,
+                               truncation=True, max_length=max_tokens).to(device)
+            output = model(**inputs)
+            # CLIPModel returns unit-length embeddings, so the row-wise dot product is the cosine.
+            cosines += (output.image_embeds * output.text_embeds).sum(dim=-1).tolist()
+    return cosines
 
 
 @harness.hookimpl

@@ -15,12 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from harness_plugins.clip_score import image_text_cosines
 
 import harness
 from harness import HarnessError, Metric, MetricInput, one_line, setting
-
-BATCH = 16
 
 
 class PickScore(Metric):
@@ -56,17 +54,8 @@ class PickScore(Metric):
 
     def score(self, data: MetricInput) -> dict[str, Any]:
         model, processor = self._load()
-        max_tokens = model.config.text_config.max_position_embeddings
-        scores: list[float] = []
-        with torch.inference_mode():
-            for start in range(0, len(data.images), BATCH):
-                images = [image.convert("RGB") for image in data.images[start:start + BATCH]]
-                inputs = processor(text=list(data.prompts[start:start + BATCH]), images=images, return_tensors="pt",
-                                   padding=True, truncation=True, max_length=max_tokens).to(self.config.device)
-                output = model(**inputs)
-                # CLIPModel returns unit-length embeddings: the row-wise product is the cosine of each pair.
-                cosine = (output.image_embeds * output.text_embeds).sum(dim=-1)
-                scores += (model.logit_scale.exp() * cosine).tolist()
+        scale = model.logit_scale.exp().item()
+        scores = [scale * cosine for cosine in image_text_cosines(model, processor, data, self.config.device)]
         return {"value": sum(scores) / len(scores), "per_image": scores, "model": self.options.pickscore_model}
 
 
