@@ -32,7 +32,7 @@ _PUBLIC = {
     "DiffusersSampler": "harness.benchmark.sampler", "FewStepLoraSampler": "harness.benchmark.sampler",
     "PresetLoraSampler": "harness.benchmark.lora_presets", "PresetOptions": "harness.benchmark.lora_presets",
     "Metric": "harness.benchmark.metric", "MetricConfig": "harness.benchmark.metric",
-    "MetricInput": "harness.benchmark.metric",
+    "MetricInput": "harness.benchmark.metric", "PerImageMetric": "harness.benchmark.metric",
     "Trainer": "harness.training.trainer", "StepReport": "harness.training.state",
     "TrainConfig": "harness.training.config",
     "LatentDiffusionTrainer": "harness.training.diffusion", "NoiseSchedule": "harness.training.diffusion",
@@ -59,9 +59,9 @@ __all__ = [  # what plugins, scripts and notebooks may use; tests/test_api.py ch
     "EMA", "SHIPPED_LORA", "SHIPPED_MODEL", "TrainingRun", "json_objects",
     "CLEAN", "DiffusersSampler", "EncodedDataset", "ExitCode", "FINAL", "FewStepLoraSampler", "GenerationRequest",
     "HarnessError", "LatentDiffusionTrainer", "LoraSource", "LoraTrainConfig", "LoraTrainer", "Measured", "Metric",
-    "MetricConfig", "MetricInput", "NoiseSchedule", "Options", "PresetLoraSampler", "PresetOptions", "RECORDS_FILE",
-    "Record", "Sampler", "SamplerConfig", "SamplerInfo", "StepReport", "TrainConfig", "TrainResult", "Trainer",
-    "__version__", "bench", "build_tokenizer", "centre_crop", "comparison_grid", "few_step_scheduler",
+    "MetricConfig", "MetricInput", "NoiseSchedule", "Options", "PerImageMetric", "PresetLoraSampler", "PresetOptions",
+    "RECORDS_FILE", "Record", "Sampler", "SamplerConfig", "SamplerInfo", "StepReport", "TrainConfig", "TrainResult",
+    "Trainer", "__version__", "bench", "build_tokenizer", "centre_crop", "comparison_grid", "few_step_scheduler",
     "find_examples", "hookimpl", "lab", "lora_distance", "one_line", "read_records", "resolve_lora", "setting",
     "successful", "successful_baselines", "to_pixels", "train", "write_folder_atomic",
 ]
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
     from harness import lab
     from harness.api import TrainResult, bench, train
     from harness.benchmark.lora_presets import PresetLoraSampler, PresetOptions
-    from harness.benchmark.metric import Metric, MetricConfig, MetricInput
+    from harness.benchmark.metric import Metric, MetricConfig, MetricInput, PerImageMetric
     from harness.benchmark.sampler import (
         DiffusersSampler,
         FewStepLoraSampler,

@@ -7,20 +7,22 @@ names which one ``value`` is, and names the CLIP model, since scores from differ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import harness
-from harness import HarnessError, Metric, MetricInput, one_line, setting
+from harness import HarnessError, MetricInput, PerImageMetric, one_line, setting
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 SCALE = "torchmetrics: 100 * max(cosine, 0)"
 BATCH = 16  # images per CLIP forward pass: bounds memory for large prompt sets
 
 
-class ClipScoreMetric(Metric):
+class ClipScoreMetric(PerImageMetric):
     name = "clip-score"
     description = ("CLIP score: image-prompt cosine of a CLIP model's embeddings; value on the torchmetrics "
                    "0-100 scale, the raw 0-1 cosine recorded next to it.")
@@ -35,19 +37,12 @@ class ClipScoreMetric(Metric):
         self.clip_model = self.options.clip_model
         self._loaded = None  # (model, processor), loaded at the first score call
 
-    def score(self, data: MetricInput) -> dict:
+    def score_batch(self, batch: MetricInput) -> list[float]:
         model, processor = self._load()
-        try:
-            return self._score(model.to(self.config.device), processor, data)
-        finally:
-            # Back to the CPU between measurements: on a GPU, CLIP's weights would otherwise sit inside
-            # every later measurement's peak-memory figure.
-            if self.config.device.type == "cuda":
-                model.to("cpu")
-                torch.cuda.empty_cache()
+        with on_device(model, self.config.device):
+            return image_text_cosines(model, processor, batch, self.config.device)
 
-    def _score(self, model, processor, data: MetricInput) -> dict:
-        cosines = image_text_cosines(model, processor, data, self.config.device)
+    def summarize(self, cosines: list[float], prompts: list[str]) -> dict:
         cosine = sum(cosines) / len(cosines)
         return {
             "value": 100 * max(cosine, 0.0),
@@ -77,6 +72,19 @@ class ClipScoreMetric(Metric):
         return (f"cannot load CLIP model '{self.clip_model}': {reason}. To fix: pass --clip_model with a local "
                 "folder (CLIPModel + CLIPProcessor saved with save_pretrained), or run `huggingface-cli login` "
                 "and check the network.")
+
+
+@contextmanager
+def on_device(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """``model`` on ``device`` for the block, back on the CPU after it: on a GPU, a metric's weights would
+    otherwise sit inside the sampler's peak-memory figures (clip-score, pickscore)."""
+    model.to(device)
+    try:
+        yield model
+    finally:
+        if device.type == "cuda":
+            model.to("cpu")
+            torch.cuda.empty_cache()
 
 
 def image_text_cosines(model, processor, data: MetricInput, device: torch.device) -> list[float]:

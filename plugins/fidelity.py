@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import harness
-from harness import HarnessError, Metric, MetricInput
+from harness import HarnessError, MetricInput, PerImageMetric
 
 EXAMPLE = "'two blue squares on a white background'"
 
@@ -28,30 +28,40 @@ def _check_prompts(name: str, prompts: Sequence[str]) -> None:
                                f"'{prompt[:60]}' is not one.") from None
 
 
-class FidelityMetric(Metric):
+class FidelityMetric(PerImageMetric):
     name = "fidelity"
     description = ("Prompt fidelity on the embedded shapes grammar: half commitment (the stated number of solid "
                    "objects), half the share of stated attributes the pixel judge finds.")
 
-    def score(self, data: MetricInput) -> dict:
-        from harness.lab.judge import judge_all
+    def score_batch(self, batch: MetricInput) -> list[dict]:
+        from harness.lab.judge import judge
 
-        _check_prompts(self.name, data.prompts)
-        summary = judge_all(zip(data.images, data.prompts))
+        _check_prompts(self.name, batch.prompts)
+        return [judge(image, text) for image, text in zip(batch.images, batch.prompts)]
+
+    def summarize(self, values: list[dict], prompts: list[str]) -> dict:
+        from harness.lab.judge import summarize
+
+        summary = summarize(values)
         return {"value": summary["overall"], **summary}
 
 
-class CoverageMetric(Metric):
+class CoverageMetric(PerImageMetric):
     name = "coverage"
     description = ("Spread of what the shapes captions leave open (layout, size, shape, colour) across seeds, "
                    "against the data's: 1 - total-variation distance.")
 
-    def score(self, data: MetricInput) -> dict:
-        from harness.lab.judge import coverage
+    def score_batch(self, batch: MetricInput) -> list:
+        from harness.lab.judge import read
 
-        _check_prompts(self.name, data.prompts)
+        _check_prompts(self.name, batch.prompts)
+        return [read(image) for image in batch.images]
+
+    def summarize(self, values: list, prompts: list[str]) -> dict:
+        from harness.lab.judge import coverage_of
+
         try:
-            return coverage(zip(data.images, data.prompts))
+            return coverage_of(zip(values, prompts))
         except ValueError as error:
             raise HarnessError(f"{error}; e.g. {EXAMPLE}.") from None
 

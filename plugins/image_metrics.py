@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import Metric, MetricInput
+from harness import MetricInput, PerImageMetric
 
 SSIM_WINDOW = 11  # the Gaussian window of Wang et al. (2004), "Image Quality Assessment: ..."
 SSIM_SIGMA = 1.5
@@ -51,11 +51,13 @@ def ssim(image, reference) -> float:
     return index.mean().item()
 
 
-class _ReferenceMetric(Metric):
+class _ReferenceMetric(PerImageMetric):
     needs_reference = True
 
-    def score(self, data: MetricInput) -> dict:
-        values = [self.compare(image, reference) for image, reference in zip(data.images, data.references)]
+    def score_batch(self, batch: MetricInput) -> list[float]:
+        return [self.compare(image, reference) for image, reference in zip(batch.images, batch.references)]
+
+    def summarize(self, values: list[float], prompts: list[str]) -> dict:
         return {"value": float(np.mean(values)), "per_image": values}
 
 

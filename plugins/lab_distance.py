@@ -10,17 +10,17 @@ object) and how varied it is (a sampler that puts every object in one place has 
 histogram), so it is a distribution metric the lab can compute on a laptop: a student far from its
 teacher's distribution of pictures scores high even when every single picture is plausible.
 
-The maths is the other set metrics' (``harness_plugins.set_metrics``): torchmetrics'
-``FrechetInceptionDistance`` with these features as its feature extractor, whose state (sums of the features
-and of their outer products) updates batch by batch and merges across processes, and whose ``compute()``
-gives ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+The maths is the other set metrics' (``harness_plugins.set_metrics``): a state of the features' count, sum
+and sum of outer products that updates batch by batch and merges across processes by adding, and
+torchmetrics' computation of ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` from the two sets' means and
+covariances.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from harness_plugins.set_metrics import SetMetric, frechet
+from harness_plugins.set_metrics import SetMetric, frechet_distance
 from PIL import Image
 
 import harness
@@ -63,16 +63,16 @@ def extract(images: torch.Tensor) -> torch.Tensor:
 
 class FdLab(SetMetric):
     name = "fd-lab"
-    description = ("Frechet distance to the baseline's pictures on the lab judge's readings (needs no network; "
-                   "lower is closer). Needs --compare_baseline.")
+    description = ("Frechet distance to the reference pictures (the baseline's, --reference or --reference_stats) on "
+                   "the lab judge's readings; needs no network; lower is closer.")
+    dimensions = len(lab_features_names())
     features_name = f"lab judge readings ({len(lab_features_names())} values)"
     resize = "none (the judge reads each picture at its own size)"
 
     def extractor(self):
         return extract
 
-    def distance(self, extract, images, references) -> float:
-        return frechet(extract, images, references)
+    distance = staticmethod(frechet_distance)
 
 
 @harness.hookimpl

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from harness_plugins.clip_score import image_text_cosines
+from harness_plugins.clip_score import image_text_cosines, on_device
 
 import harness
-from harness import HarnessError, Metric, MetricInput, one_line, setting
+from harness import HarnessError, MetricInput, PerImageMetric, one_line, setting
 
 
-class PickScore(Metric):
+class PickScore(PerImageMetric):
     name = "pickscore"
     description = "PickScore: Pick-a-Pic's preference model, logit scale x CLIP cosine of picture and prompt."
 
@@ -49,13 +49,16 @@ class PickScore(Metric):
                     f"'{self.options.pickscore_processor}': {one_line(error).rstrip('.')}; pass --pickscore-model "
                     "and --pickscore-processor with local folders (save_pretrained, safetensors), or run once with "
                     "network.") from None
-            self._loaded = (model.to(self.config.device), processor)
+            self._loaded = (model, processor)
         return self._loaded
 
-    def score(self, data: MetricInput) -> dict[str, Any]:
+    def score_batch(self, batch: MetricInput) -> list[float]:
         model, processor = self._load()
         scale = model.logit_scale.exp().item()
-        scores = [scale * cosine for cosine in image_text_cosines(model, processor, data, self.config.device)]
+        with on_device(model, self.config.device):
+            return [scale * cosine for cosine in image_text_cosines(model, processor, batch, self.config.device)]
+
+    def summarize(self, scores: list[float], prompts: list[str]) -> dict[str, Any]:
         return {"value": sum(scores) / len(scores), "per_image": scores, "model": self.options.pickscore_model}
 
 

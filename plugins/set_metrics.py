@@ -1,12 +1,16 @@
-"""Set metrics of the field: fid, kid, fd-dinov2 and cmmd, each against the baseline's pictures.
+"""Set metrics of the field: fid, kid, fd-dinov2 and cmmd, each against a reference set of pictures.
 
-A set metric compares the distribution of a measurement's pictures with a reference set's (here the first
-baseline of the run, so ``--compare_baseline``: how far a student is from its teacher), not picture by
-picture. Each records which features, which resize and which reference it used, since numbers from other
-features or resizes are not comparable.
+A set metric compares the distribution of a measurement's pictures with a reference set's, not picture by
+picture: the first baseline of the run (``--compare_baseline``: how far a student is from its teacher), a
+folder of pictures (``--reference DIR``) or published statistics (``--reference_stats fid=FILE.npz``). The
+pictures stream through the feature network batch by batch as they are made; what is kept is the features'
+count, sum and sum of outer products (``FeatureSet``: O(D^2) memory for any number of pictures, merged across
+processes by adding), plus the features themselves for the kernel metrics, kid and cmmd. Each records which
+features, which resize and which reference it used, since numbers from other features or resizes are not
+comparable.
 
-- ``fid`` (Heusel et al. 2017): Frechet distance of Inception-V3 pool features, the torchmetrics
-  implementation with torch-fidelity's Inception weights (as pytorch-fid computes them); pictures resized
+- ``fid`` (Heusel et al. 2017): Frechet distance of Inception-V3 pool features, torchmetrics' computation of
+  the distance with torch-fidelity's Inception weights (as pytorch-fid computes them); pictures resized
   to 299x299 by torch-fidelity's own bilinear resize, as clean-fid recommends (Parmar et al. 2022).
 - ``kid`` (Binkowski et al. 2018): the unbiased polynomial-kernel MMD on the same features (torchmetrics),
   averaged over subsets of ``--kid_subset_size`` pictures.
@@ -39,61 +43,151 @@ CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
 
 
-class Features(torch.nn.Module):
-    """A metric's feature extractor as torchmetrics calls it: uint8 pictures (N, 3, H, W) in, (N, D) out."""
-
-    def __init__(self, extract):
-        super().__init__()
-        self.extract = extract
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extract(images).double()
-
-
 def as_uint8(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
 
 
+class FeatureSet:
+    """A set's features as the metrics need them, mergeable across processes: the count, the sum and the sum of
+    outer products (a mean and covariance of any number of pictures in O(D^2) memory), and, for kernel metrics,
+    the features themselves (by picture index, so every process count gives the same order)."""
+
+    def __init__(self, keep_features: bool):
+        self.n = 0
+        self.total: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+        self.kept: dict[int, torch.Tensor] | None = {} if keep_features else None
+
+    def add(self, features: torch.Tensor, indices) -> None:
+        features = features.double()
+        if self.total is None:
+            self.total = torch.zeros(features.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+        self.n += features.shape[0]
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+        if self.kept is not None:
+            self.kept.update({int(index): row.float() for index, row in zip(indices, features)})
+
+    def merge(self, other: FeatureSet) -> None:
+        if other.total is None:
+            return
+        if self.total is None:
+            self.total, self.outer = other.total.clone(), other.outer.clone()
+        else:
+            self.total += other.total
+            self.outer += other.outer
+        self.n += other.n
+        if self.kept is not None and other.kept is not None:
+            self.kept.update(other.kept)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``mu`` and ``sigma`` (the unbiased covariance, as pytorch-fid's np.cov), ``features`` when kept."""
+        assert self.total is not None and self.outer is not None and self.n >= 2
+        mu = self.total / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        arrays = {"mu": mu.numpy(), "sigma": sigma.numpy()}
+        if self.kept is not None:
+            arrays["features"] = torch.stack([self.kept[i] for i in sorted(self.kept)]).double().numpy()
+        return arrays
+
+
 class SetMetric(Metric):
-    """A distance between the measurement's pictures and the baseline's, on features of ``extractor()``."""
+    """A distance between the measurement's pictures and a reference set, on features of ``extractor()``.
+
+    The reference is the first baseline's pictures of the run, ``--reference DIR`` or ``--reference_stats``;
+    :meth:`score` with ``data.references`` takes those pictures as the reference (handy outside a run).
+    """
 
     higher_is_better = False
-    needs_reference = True
+    reference_set = True
     features_name: str = ""
     resize: str = ""
+
+    def __init__(self, config, options=None):
+        super().__init__(config, options)
+        self.seen = FeatureSet(self.needs_features)
+        self.reference: dict[str, np.ndarray] | None = None
+        self.reference_label = ""
+        self.reference_n: int | None = None  # pictures behind the reference, when known
+        self._extract = None
 
     @abstractmethod
     def extractor(self):
         """A callable: uint8 pictures (N, 3, H, W) -> features (N, D); loads its weights on first use."""
 
     @abstractmethod
-    def distance(self, extract, images, references) -> float:
-        """The metric between the two sets of pictures."""
+    def distance(self, pictures: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+        """The metric between two sets' statistics (``FeatureSet.arrays()``)."""
 
     def score(self, data: MetricInput) -> dict[str, Any]:
-        assert data.references is not None  # needs_reference: the runner skips the metric without one
-        if len(data.images) < 2 or len(data.references) < 2:
-            raise HarnessError(f"{self.name} needs at least 2 images on each side; pass more prompts or "
-                               "--num_images 2 or more.")
-        value = self.distance(self.extractor(), list(data.images), list(data.references))
+        if data.references is not None:
+            self.reset()
+            self.update(MetricInput(data.references, [""] * len(data.references)))
+            self._check_size(self.seen.n, "reference")
+            self.use_as_reference("the given references")
+        return super().score(MetricInput(data.images, data.prompts, indices=data.indices))
+
+    def reset(self) -> None:
+        self.seen = FeatureSet(self.needs_features)
+
+    def update(self, batch: MetricInput) -> None:
+        if self._extract is None:
+            self._extract = self.extractor()
+        features = self._extract(as_uint8(batch.images)).double().cpu()
+        if not torch.isfinite(features).all():
+            raise HarnessError(f"{self.name}: the features of {len(batch.images)} pictures came out NaN or infinite; "
+                               "check the pictures (a blank or NaN decode) and the feature model's weights.")
+        self.seen.add(features, batch.positions)
+
+    def state(self) -> FeatureSet:
+        return self.seen
+
+    def merge(self, states) -> None:
+        for state in states:
+            self.seen.merge(state)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        self._check_size(self.seen.n, "this measurement")
+        return self.seen.arrays()
+
+    def use_as_reference(self, label: str) -> None:
+        self.use_reference_statistics(self.statistics(), label)
+        self.reference_n = self.seen.n
+
+    def use_reference_statistics(self, statistics: dict[str, np.ndarray], label: str) -> None:
+        self.reference, self.reference_label = statistics, label
+        self.reference_n = len(statistics["features"]) if "features" in statistics else None
+
+    def _check_size(self, n: int, side: str) -> None:
+        if n < 2:
+            raise HarnessError(f"{self.name} needs at least 2 pictures on each side, {side} has {n}; pass more "
+                               "prompts or --num_images 2 or more.")
+
+    def compute(self) -> dict[str, Any]:
+        if self.reference is None:
+            raise HarnessError(f"{self.name} has no reference set; add --compare_baseline, --reference DIR or "
+                               "--reference_stats.")
+        pictures = self.statistics()
+        if pictures["mu"].shape != self.reference["mu"].shape:
+            raise HarnessError(f"{self.name}: the reference ({self.reference_label}) has "
+                               f"{self.reference['mu'].shape[0]} features, these pictures {pictures['mu'].shape[0]} "
+                               f"({self.features_name}); pass statistics written for {self.name} and its model.")
+        value = self.distance(pictures, self.reference)
         if not np.isfinite(value):
-            raise HarnessError(f"{self.name} came out NaN or infinite: the features of one side have no spread "
-                               "(or came out NaN); pass more prompts or seeds.")
-        return {"value": value, "features": self.features_name, "resize": self.resize,
-                "n": len(data.images), "reference_n": len(data.references)}
+            raise HarnessError(f"{self.name} came out NaN or infinite: the features of one side have no spread; "
+                               "pass more prompts or seeds.")
+        return {"value": value, "features": self.features_name, "resize": self.resize, "n": self.seen.n,
+                **({"reference_n": self.reference_n} if self.reference_n is not None else {})}
 
 
-def frechet(extract, images, references) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def frechet_distance(pictures: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), by torchmetrics' FID computation, in float64."""
+    from torchmetrics.image.fid import _compute_fid
 
-    height, width = np.asarray(images[0]).shape[:2]
-    metric = FrechetInceptionDistance(feature=Features(extract), input_img_size=(3, height, width),
-                                      reset_real_features=False)
-    metric.set_dtype(torch.float64)
-    for real, pictures in ((True, references), (False, images)):
-        for start in range(0, len(pictures), BATCH):
-            metric.update(as_uint8(pictures[start:start + BATCH]), real=real)
-    return max(float(metric.compute()), 0.0)
+    mu1, sigma1, mu2, sigma2 = (torch.from_numpy(np.asarray(array, dtype=np.float64)) for array in
+                                (pictures["mu"], pictures["sigma"], reference["mu"], reference["sigma"]))
+    return max(float(_compute_fid(mu1, sigma1, mu2, sigma2)), 0.0)
 
 
 def embed(extract, pictures) -> torch.Tensor:
@@ -121,6 +215,7 @@ def _weights_failure(metric: str, what: str, error: Exception, fix: str) -> Harn
 
 
 class InceptionMetric(SetMetric):
+    dimensions = 2048
     features_name = "Inception-V3 pool3 (2048, torch-fidelity weights, as pytorch-fid)"
     resize = "299x299, torch-fidelity's bilinear resize (as clean-fid recommends)"
 
@@ -144,25 +239,24 @@ class InceptionMetric(SetMetric):
 
 class Fid(InceptionMetric):
     name = "fid"
-    description = "FID to the baseline's pictures: Frechet distance of Inception-V3 features (lower is closer)."
-
-    def distance(self, extract, images, references) -> float:
-        return frechet(extract, images, references)
+    description = "FID to the reference pictures: Frechet distance of Inception-V3 features (lower is closer)."
+    distance = staticmethod(frechet_distance)
 
 
 class Kid(InceptionMetric):
     name = "kid"
-    description = "KID to the baseline's pictures: unbiased polynomial-kernel MMD of Inception-V3 features."
+    needs_features = True
+    description = "KID to the reference pictures: unbiased polynomial-kernel MMD of Inception-V3 features."
 
     @dataclass(frozen=True)
     class Options(harness.Options):
         kid_subset_size: int = setting(1000, "Pictures per KID subset (the smaller of this and each set's size).",
                                        minimum=2)
 
-    def distance(self, extract, images, references) -> float:
+    def distance(self, pictures, reference) -> float:
         from torchmetrics.image.kid import poly_mmd
 
-        x, y = embed(extract, references), embed(extract, images)
+        x, y = torch.from_numpy(reference["features"]), torch.from_numpy(pictures["features"])
         size = min(self.options.kid_subset_size, len(x), len(y))
         generator = torch.Generator().manual_seed(0)  # the same subsets every run
         values = [float(poly_mmd(x[torch.randperm(len(x), generator=generator)[:size]],
@@ -193,7 +287,7 @@ class HubModelMetric(SetMetric):
 
 class FdDinov2(HubModelMetric):
     name = "fd-dinov2"
-    description = "Frechet distance to the baseline's pictures on DINOv2 features (Stein et al. 2023)."
+    description = "Frechet distance to the reference pictures on DINOv2 features (Stein et al. 2023)."
     model_option = "dinov2_model"
     resize = "224x224 bicubic, the DINOv2 image processor's"
 
@@ -213,14 +307,14 @@ class FdDinov2(HubModelMetric):
 
         return extract
 
-    def distance(self, extract, images, references) -> float:
-        return frechet(extract, images, references)
+    distance = staticmethod(frechet_distance)
 
 
 class Cmmd(HubModelMetric):
     name = "cmmd"
-    description = "CMMD to the baseline's pictures: RBF-kernel MMD of CLIP embeddings (Jayasumana et al. 2024)."
+    description = "CMMD to the reference pictures: RBF-kernel MMD of CLIP embeddings (Jayasumana et al. 2024)."
     model_option = "cmmd_clip_model"
+    needs_features = True
 
     @dataclass(frozen=True)
     class Options(harness.Options):
@@ -246,8 +340,8 @@ class Cmmd(HubModelMetric):
 
         return extract
 
-    def distance(self, extract, images, references) -> float:
-        return mmd_rbf(embed(extract, references), embed(extract, images),
+    def distance(self, pictures, reference) -> float:
+        return mmd_rbf(torch.from_numpy(reference["features"]), torch.from_numpy(pictures["features"]),
                        unbiased=self.options.cmmd_estimator == "unbiased")
 
 

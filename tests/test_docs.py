@@ -125,6 +125,78 @@ def test_the_metric_example_scores_a_bench_run(tmp_path, embedded_model):
     assert 0 < mad["value"] < 255 and len(mad["per_image"]) == 1
 
 
+def colour_fd_plugin(tmp_path):
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "harness_colour_fd.py").write_text(python_block(DOCS / "plugins" / "metrics.md", "## A set-level metric"),
+                                                 encoding="utf-8")
+    return folder
+
+
+def test_the_set_metric_example_merges_states_as_one_process_would(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from harness import MetricConfig, MetricInput
+    from harness.hooks.registry import Registry
+    from tests.plugins.test_lab_distance import frechet_oracle
+
+    cls = Registry([colour_fd_plugin(tmp_path)]).metrics["colour-fd"].cls
+    assert cls.reference_set and cls.dimensions == 3
+    rng = np.random.default_rng(0)
+    colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(40)]
+    images = [Image.new("RGB", (8, 8), colour) for colour in colours]
+    reference = cls(MetricConfig(torch.device("cpu")))
+    reference.reset()
+    reference.update(MetricInput(images[20:], [""] * 20))
+    reference.use_as_reference("the other half")
+
+    def one_process(metric):
+        metric.reset()
+        metric.update(MetricInput(images[:20], [""] * 20, indices=range(20)))
+        return metric
+
+    def two_processes(metric):  # ranks 0 and 1 take every other picture; rank 0 merges rank 1's state
+        rank1 = cls(MetricConfig(torch.device("cpu")))
+        rank1.reset()
+        rank1.update(MetricInput(images[1:20:2], [""] * 10, indices=range(1, 20, 2)))
+        metric.reset()
+        metric.update(MetricInput(images[0:20:2], [""] * 10, indices=range(0, 20, 2)))
+        metric.merge([rank1.state()])
+        return metric
+
+    values = []
+    for combine in (one_process, two_processes):
+        metric = combine(cls(MetricConfig(torch.device("cpu"))))
+        metric.use_reference_statistics(reference.statistics(), "the other half")
+        values.append(metric.compute()["value"])
+    features = np.array(colours, dtype=np.float64) / 255
+    assert values[0] == pytest.approx(frechet_oracle(features[:20], features[20:]), rel=1e-6)
+    assert values[1] == pytest.approx(values[0], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_the_set_metric_example_runs_with_saved_statistics_as_its_reference(tmp_path, embedded_model):
+    folder = colour_fd_plugin(tmp_path)
+    common = ("--plugin-dir", folder, "bench", "--model", "embedded", "--steps", "1", "--prompts", "held-out",
+              "--prompt_count", "4", "--num_images", "2", "--metric", "colour-fd", "--warmup", "0", "--repeats", "1",
+              "--seed", "0", "-q")
+    first = invoke(*common, "--compare_baseline", "--baseline_steps", "2", "--save_stats", tmp_path / "stats",
+                   "--outdir", tmp_path / "run")
+    assert first.exit_code == 0, first.output
+    flash = next(r for r in record_json(tmp_path / "run") if r["sampler"] == "flash-lcm")
+    assert flash["metrics"]["colour-fd"]["reference"] == "vanilla-sd 2 steps"
+    stats = tmp_path / "stats" / "colour-fd_vanilla-sd_2steps.npz"
+    assert sorted(p.name for p in stats.parent.iterdir()) == ["colour-fd_flash-lcm_1steps.npz", stats.name]
+    second = invoke(*common, "--reference_stats", f"colour-fd={stats}", "--save_images", "none",
+                    "--outdir", tmp_path / "again")
+    assert second.exit_code == 0, second.output
+    [again] = record_json(tmp_path / "again")
+    assert again["metrics"]["colour-fd"]["value"] == pytest.approx(flash["metrics"]["colour-fd"]["value"], rel=1e-9)
+    assert again["images"] == [] and again["images_made"] == 8
+
+
 @pytest.mark.slow
 def test_the_distillation_trainer_example_trains_and_benches(tmp_path, embedded_model):
     folder = tmp_path / "my_plugins"

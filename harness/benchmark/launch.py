@@ -20,7 +20,7 @@ from harness.benchmark import distributed
 from harness.benchmark.plan import RUN_IMAGE
 from harness.benchmark.prompts import lone_surrogate
 from harness.benchmark.runner import BenchRun
-from harness.benchmark.spec import MAX_SEED, BenchOptions, BenchSpec
+from harness.benchmark.spec import AUTO_ALL_IMAGES, MAX_SEED, BenchOptions, BenchSpec
 from harness.benchmark.suites import load_prompt_set
 from harness.benchmark.timing import TimingSettings
 from harness.errors import HarnessError
@@ -126,6 +126,8 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
     baseline_outdir = Path(options.baseline_outdir) if options.baseline_outdir else None
     if baseline_outdir is not None:
         _check_baseline_path(baseline_outdir, Path(outdir))
+    images = max(len(prompts), 1) * options.num_images
+    save_images = options.save_images or ("all" if images <= AUTO_ALL_IMAGES else "grids")
     sampler_options = {name: build(registry.sampler(name).cls.Options, plugin_values) for name in samplers}
     metric_options = {name: build(registry.metric(name).cls.Options, plugin_values) for name in options.metrics}
     return BenchSpec(
@@ -137,7 +139,24 @@ def build_spec(registry: Registry, options: BenchOptions, timing_settings: Timin
         lora_path=options.lora_path, lora_id=options.lora_id, device=options.device, dtype=options.dtype,
         height=options.height, width=options.width, timing=timing_settings, speed=speed, batch=options.batch,
         sampler_options=sampler_options, metrics=tuple(dict.fromkeys(options.metrics)), metric_options=metric_options,
+        save_images=save_images, reference=Path(options.reference) if options.reference else None,
+        reference_stats=_reference_stats(options.reference_stats),
+        save_stats=Path(options.save_stats) if options.save_stats else None,
     )
+
+
+def _reference_stats(given: tuple[str, ...]) -> dict[str, Path]:
+    """--reference_stats METRIC=FILE values by metric; one file per metric."""
+    by_metric: dict[str, Path] = {}
+    for value in given:
+        name, equals, path = value.partition("=")
+        if not equals or not name.strip() or not path.strip():
+            raise HarnessError(f"--reference_stats {value!r} is not METRIC=FILE; e.g. --reference_stats "
+                               "fid=coco2017_val.npz.")
+        if name.strip() in by_metric:
+            raise HarnessError(f"--reference_stats names {name.strip()} twice; give one file per metric.")
+        by_metric[name.strip()] = Path(path.strip())
+    return by_metric
 
 
 @contextmanager
@@ -189,7 +208,8 @@ def _is_run_file(name: str) -> bool:
     """Whether a bench run writes a file of this name into --outdir."""
     from harness.reporting.plots import LATENCY_PLOT, QUALITY_PLOT
 
-    fixed = (records.RECORDS_FILE, records.SUMMARY_FILE, LATENCY_PLOT, QUALITY_PLOT, html_report.HTML_FILE)
+    fixed = (records.RECORDS_FILE, records.SUMMARY_FILE, records.PROMPTS_FILE, LATENCY_PLOT, QUALITY_PLOT,
+             html_report.HTML_FILE)
     return name in fixed or RUN_IMAGE.fullmatch(name) is not None
 
 

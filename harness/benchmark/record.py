@@ -69,7 +69,8 @@ def build_record(
     comparisons: list[Comparison],
 ) -> Record:
     """The record of a measurement from every rank's share (pure: no file, no clock but the creation time)."""
-    per_call = len(image_names) // sum(share.calls for share in shares)
+    made = sum(share.image_count for share in shares)
+    per_call = made // sum(share.calls for share in shares)
     samples = [s for share in shares for s in share.measurement.samples]
     stats = Stats.from_samples(samples)
     per_image = stats.median / per_call
@@ -119,6 +120,7 @@ def build_record(
             )
             for share in shares
         ],
+        images_made=made,
     )
     return context.record(task, measured=measured)
 
@@ -138,6 +140,10 @@ class RunWriter:
     def make_folders(self, tasks: Sequence[Task]) -> None:
         for task in tasks:
             (self.outdir / task.folder).mkdir(parents=True, exist_ok=True)
+
+    def write_prompts(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """The run's prompts file; the config fields that name it."""
+        return records.write_prompts(self.outdir, prompts)
 
     def save_images(self, images: Sequence[Any], names: Sequence[str]) -> None:
         for image, name in zip(images, names):

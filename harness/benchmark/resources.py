@@ -112,6 +112,21 @@ def native_size(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> tuple[int, i
     return int(height) * _vae_scale(vae), int(width) * _vae_scale(vae)
 
 
+def image_size(model: models.ModelSpec, height: int | None, width: int | None) -> tuple[int, int] | None:
+    """(height, width) of the run's pictures: the options', else the model's native size; None when unknown
+    before the model loads (a hub model not in the cache)."""
+    if height and width:
+        return height, width
+    architecture = model_architecture(model)
+    if architecture is None:
+        return None
+    try:
+        native_height, native_width = native_size(architecture[0], architecture[1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return height or native_height, width or native_width
+
+
 def _vae_scale(vae: Mapping[str, Any]) -> int:
     return int(2 ** (len(vae["block_out_channels"]) - 1))
 

@@ -3,8 +3,11 @@
 - ``spec``: :class:`BenchOptions` (the command's options) and :class:`BenchSpec` (what the run was asked);
 - ``plan`` - :func:`plan` (pure): the run's measurements (:class:`Task`) and their pipeline calls, from the spec;
 - ``measure`` - :func:`measure_share`: the timing protocol and the stage profile over one process's share
-  of a task's calls;
-- ``measure`` - :class:`Scorer`: the quality metrics of a measurement's images, outside the timed region;
+  of a task's calls, handing its images on in batches as they are made;
+- ``measure`` - :class:`Scoring`: the quality metrics, updated batch by batch in every process, merged and
+  computed on rank 0;
+- ``references``: the reference sets of set metrics (``--reference``, ``--reference_stats``) and
+  ``--save_stats``;
 - ``record`` - :func:`build_record` (pure): the typed record of a measurement from what every process measured;
 - ``record`` - :class:`RunWriter`: every file of the run folder (images, grids, records, summary, plots);
 - here, :class:`BenchRun`: loads each sampler once and moves tasks through these parts, with the other processes
@@ -24,7 +27,7 @@ import torch
 
 from harness.benchmark import distributed, resources, timing
 from harness.benchmark.metric import MetricConfig
-from harness.benchmark.sampler import GenerationRequest, Sampler, SamplerConfig
+from harness.benchmark.sampler import Sampler, SamplerConfig
 from harness.errors import HarnessError, one_line
 from harness.models import loading as models
 from harness.records import files
@@ -35,9 +38,11 @@ from harness.reporting import report
 if TYPE_CHECKING:
     from harness.hooks.registry import Registry
 
-from harness.benchmark.measure import Reference, Scorer, Share, measure_share
+from harness.benchmark.measure import Scoring, Share, measure_share
+from harness.benchmark.metric import MetricInput
 from harness.benchmark.plan import Task, comparison_name, file_names, plan
 from harness.benchmark.record import RecordContext, RunWriter, build_record
+from harness.benchmark.references import ReferenceSets
 from harness.benchmark.spec import BenchSpec
 
 # Errors that mean the output disk cannot take more data; the run stops instead of failing every measurement.
@@ -94,14 +99,15 @@ class BenchRun:
         }
         # Here, not when the run starts: a plugin whose machine-info hook fails stops the run before its folder exists.
         self.environment = environment(self.device, self.dtype, registry.pm) if world.is_main else {}
-        self.reference: Reference | None = None
         self.errors: list[str] = []
         self.unwritten: list[OSError] = []  # summary.md and plots that could not be written
         self.outdir = Path(spec.outdir)
         self.writer = RunWriter(self.outdir)
+        # Checked here, before the run folder exists; read (rank 0 only) when the run starts.
+        self.references = ReferenceSets(spec, self.metrics, resources.image_size(self.model, spec.height, spec.width))
         # on_warning is looked up at each warning: the CLI sets it after the run is made.
-        self.scorer = Scorer(self.metrics, self.model.note if self.model.random_weights else None,
-                             lambda message: self.on_warning(message))
+        self.scoring = Scoring(self.metrics, self.model.note if self.model.random_weights else None,
+                               lambda message: self.on_warning(message), self.references.label)
 
     def sampler_config(self) -> SamplerConfig:
         spec = self.spec
@@ -133,9 +139,11 @@ class BenchRun:
         try:
             if main:
                 self.writer.make_folders(self.tasks)
-                config = self.spec.config_dict(self.plan.seed, self.plan.prompts)
+                config = self.spec.config_dict(self.plan.seed, self.writer.write_prompts(self.plan.prompts))
                 config.update(model=self.model.name, model_location=self.model.location)
                 self.context = RecordContext(config, self.environment, self.world.size)
+                if self.scoring.random_weights_note is None:
+                    self.references.read(self.metrics)
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:
@@ -150,6 +158,7 @@ class BenchRun:
                 error.message += f". The {len(self.records)} finished measurement(s) are in {self.records_path}."
             raise
         finally:
+            self.scoring.close()
             if main:
                 # The records are the source of truth: `harness report` rebuilds these from them once there is room.
                 self.unwritten = self.writer.write_summary()
@@ -206,39 +215,63 @@ class BenchRun:
         return next((self.world.label(rank) + error for rank, error in enumerate(errors) if error is not None), None)
 
     def _measure(self, sampler: Sampler, task: Task, load_s: float, info: dict[str, Any]) -> None:
-        """Every rank times its share of the task's calls; rank 0 writes what they made into one record."""
+        """Every rank times its share of the task's calls, its images streaming through the metrics (and into the
+        run folder, as --save_images says) as they are made; rank 0 writes what they measured into one record."""
         requests = self.plan.requests(task)
+        baselines = self.plan.baselines
+        self.scoring.start(task, first_baseline=bool(baselines) and task == baselines[0],
+                           run_has_baseline=bool(baselines))
+        kept: dict[int, Any] = {}  # another rank's images to save, sent to rank 0
+        saved = self.spec.images_saved(len(requests) * self.plan.images_per_call)
+        sizes: list[list[int]] = []
+
+        def consume(batch: MetricInput) -> None:
+            sizes[:] = sizes or [list(batch.images[0].size)]
+            self.scoring.update(batch, task)
+            for index, image in zip(batch.positions, batch.images):
+                if index < saved:
+                    if self.world.is_main:
+                        self.writer.save_images([image], [file_names(task, index, self.spec.seed)[0]])
+                    else:
+                        kept[index] = image
+
         distributed.barrier(self.world)  # all ranks start measuring together, so their wall clocks overlap
         share, error = self._guarded(
-            lambda: measure_share(sampler, requests, load_s, self.device, self.spec.timing, self.world)
+            lambda: measure_share(sampler, requests, load_s, self.device, self.spec.timing, self.world, consume)
         )
+        if share is not None:
+            share.images, share.metric_states = kept, self.scoring.states()
         shares = distributed.gather((share, error), self.world)
         if shares is None:  # not rank 0: it has sent its share
             return
         error = self._first_failure([error for _, error in shares])
         if error is None:
-            _, error = self._guarded(lambda: self._record(task, requests, [s for s, _ in shares], info))
+            _, error = self._guarded(lambda: self._record(task, [s for s, _ in shares], info, saved, sizes[0]))
         if error is not None:
+            self.scoring.finish(task, [], succeeded=False)
             self.errors.append(f"{task.sampler} ({task.steps} steps): {error}")
             self.writer.add(self.context.failed(task, error))
 
-    def _record(self, task: Task, requests: list[GenerationRequest], shares: list[Share], info: dict[str, Any]) -> None:
-        """Rank 0: the shares' images into the run folder, their figures into one record, metrics, grids."""
+    def _record(self, task: Task, shares: list[Share], info: dict[str, Any], saved: int,
+                image_size: list[int]) -> None:
+        """Rank 0: the other ranks' kept images into the run folder, the metrics merged, one record, its grids."""
         warnings = list(dict.fromkeys(warning for _, warning in sorted(w for share in shares for w in share.warnings)))
         for warning in warnings:
             self.on_warning(warning)
-        by_index = {index: image for share in shares for index, image in share.images.items()}
-        images = [by_index[index] for index in range(len(by_index))]
         seed_in_names = self.spec.seed
-        names = [file_names(task, index, seed_in_names)[0] for index in range(len(images))]
-        self.writer.save_images(images, names)
-        prompts = [request.prompt for request in requests for _ in request.seeds]
-        if task.baseline and self.reference is None:
-            self.reference = Reference(f"{task.sampler} {task.steps} steps", images)
+        for share in shares[1:]:
+            for index, image in sorted(share.images.items()):
+                self.writer.save_images([image], [file_names(task, index, seed_in_names)[0]])
+            share.images = {}
+        made = sum(share.image_count for share in shares)
+        names = [file_names(task, index, seed_in_names)[0] for index in range(min(saved, made))]
+        metrics = self.scoring.finish(task, [share.metric_states for share in shares[1:]], succeeded=True)
+        if self.spec.save_stats is not None:
+            self.references.save_stats(self.scoring.active, metrics, task)
         baselines = self.plan.baselines
         comparisons = (
             []
-            if task.baseline
+            if task.baseline or not names
             else [
                 Comparison(b.sampler, b.steps, comparison_name(task, b, len(baselines), seed_in_names))
                 for b in baselines
@@ -250,10 +283,10 @@ class BenchRun:
             shares,
             info,
             names,
-            file_names(task, 0, seed_in_names)[1],
-            list(images[0].size),
+            file_names(task, 0, seed_in_names)[1] if names else "",
+            image_size,
             warnings,
-            self.scorer.score(task, images, prompts, self.reference),
+            metrics,
             comparisons,
         )
         problem = self.writer.add(record)

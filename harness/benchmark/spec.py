@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
 MAX_SEED = 2**64 - 1  # torch generators take seeds up to 2**64 - 1
+SAVE_IMAGES = ("all", "grids", "none")
+GRID_IMAGES = 32  # pictures --save_images grids keeps of each measurement: a comparison grid's widest row
+AUTO_ALL_IMAGES = 1000  # pictures per measurement up to which --save_images defaults to all
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,18 @@ class BenchOptions(Options):
     dry_run: bool = setting(False, "Print the plan as JSON and exit without loading models.")
     as_json: bool = setting(False, "Print the records as JSON instead of the table.", flags=("--json",))
     quiet: bool = setting(False, "No progress bar.", flags=("--quiet", "-q"))
+    save_images: str | None = setting(None, "Which pictures to write: all; grids (the grids and the first "
+                                            f"{GRID_IMAGES} pictures of each measurement); none (records only). "
+                                            f"Default: all up to {AUTO_ALL_IMAGES} pictures per measurement, grids "
+                                            "above.", choices=SAVE_IMAGES)
+    reference: str | None = setting(None, "Folder of pictures (PNG, JPEG, WebP) of the run's size that set metrics "
+                                          "compare with (default: the baseline's pictures).", metavar="DIR")
+    reference_stats: tuple[str, ...] = setting((), "A set metric's reference statistics, METRIC=FILE.npz "
+                                                   "(pytorch-fid's format: mu, sigma); repeat for several metrics.",
+                                               metavar="METRIC=FILE")
+    save_stats: str | None = setting(None, "Write each set metric's statistics of every measurement to "
+                                           "DIR/METRIC_SAMPLER_Nsteps.npz (usable as --reference_stats).",
+                                     metavar="DIR")
     html: bool = setting(False, "Also write OUTDIR/index.html: tables, grids, plots, configuration and environment "
                                 "on one self-contained page.")
 
@@ -112,18 +127,31 @@ class BenchSpec:
     sampler_options: Mapping[str, Options] = field(default_factory=dict)  # by sampler name
     metrics: tuple[str, ...] = ()
     metric_options: Mapping[str, Options] = field(default_factory=dict)  # by metric name
+    save_images: str = "all"  # resolved: never None
+    reference: Path | None = None
+    reference_stats: Mapping[str, Path] = field(default_factory=dict)  # by metric name
+    save_stats: Path | None = None
 
     @property
     def images_per_call(self) -> int:
         return self.batch or self.num_images
 
-    def config_dict(self, seed: int | None, prompts: Sequence[str]) -> dict[str, Any]:
-        """The run configuration every record carries (docs/reference/records.md lists its fields)."""
+    def images_saved(self, made: int) -> int:
+        """How many of a measurement's ``made`` pictures are written (the first ones, in file-name order)."""
+        return {"all": made, "grids": min(made, GRID_IMAGES), "none": 0}[self.save_images]
+
+    def config_dict(self, seed: int | None, prompts: Mapping[str, Any]) -> dict[str, Any]:
+        """The run configuration every record carries (docs/reference/records.md lists its fields); ``prompts``
+        names the run's prompts file by digest (``prompts_file``, ``prompts_sha256``, ``prompts_count``)."""
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        config.pop("prompts")
         config.update(
-            samplers=list(self.samplers), steps=list(self.steps), prompts=list(prompts), metrics=list(self.metrics),
+            samplers=list(self.samplers), steps=list(self.steps), metrics=list(self.metrics), **prompts,
             seed=seed, outdir=str(self.outdir),
             baseline_outdir=str(self.baseline_outdir) if self.baseline_outdir else None,
+            reference=str(self.reference) if self.reference else None,
+            reference_stats={name: str(path) for name, path in self.reference_stats.items()},
+            save_stats=str(self.save_stats) if self.save_stats else None,
             speed=dataclasses.asdict(self.speed),
             sampler_options=_by_plugin(self.sampler_options), metric_options=_by_plugin(self.metric_options),
         )

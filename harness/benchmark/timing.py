@@ -59,20 +59,31 @@ class TimingSettings(Options):
 class Measurement:
     first_call_s: float
     samples: list[float]  # seconds of each measured call, in order
-    outputs: list[list[Any]]  # outputs[pass][call]: what each measured call returned
     memory: dict[str, float]
     # Wall-clock time (time.time(), comparable between processes and NTP-synced machines) at the start of
-    # the first measured call and the end of the last: several processes' throughput is measured over these.
+    # the first measured call and the end of the last, less handled_s: several processes' throughput is
+    # measured over these.
     started: float = 0.0
     finished: float = 0.0
+    handled_s: float = 0.0  # seconds spent in on_output between the measured calls (metrics, saving images)
 
     @property
     def stats(self) -> Stats:
         return Stats.from_samples(self.samples)
 
 
-def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: TimingSettings) -> Measurement:
-    """Run the protocol over ``calls`` (one call per prompt); see the module docstring."""
+OutputHandler = Callable[[int, int, Any], None]
+
+
+def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: TimingSettings,
+            on_output: OutputHandler | None = None) -> Measurement:
+    """Run the protocol over ``calls`` (one call per prompt); see the module docstring.
+
+    ``on_output(pass, call, output)`` receives what each measured call returned, outside its timed bracket,
+    with the garbage collector on and the peak-memory reading paused: what it does (score metrics, write
+    images) is in neither the samples, nor the wall-clock span, nor the peak memory. Nothing is kept here, so
+    a measurement of any number of calls holds one call's output at a time.
+    """
     memory = MemoryTracker(device)
     memory.reset()
     _, first_call_s = timed(calls[0], device)
@@ -80,7 +91,7 @@ def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: 
         calls[index % len(calls)]()
 
     samples: list[float] = []
-    outputs: list[list[Any]] = []
+    handled_s = 0.0
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -88,25 +99,50 @@ def measure(calls: Sequence[Callable[[], Any]], device: torch.device, settings: 
     try:
         passes = 0
         while passes < settings.repeats or sum(samples) < settings.min_time_s:
-            pass_outputs = []
-            for call in calls:
+            for number, call in enumerate(calls):
                 output, seconds = timed(call, device)
                 samples.append(seconds)
-                pass_outputs.append(output)
-            outputs.append(pass_outputs)
+                if on_output is not None:
+                    handled_s += _handle(on_output, passes, number, output, memory)
             passes += 1
     finally:
         finished = time.time()
         if gc_was_enabled:
             gc.enable()
-    return Measurement(first_call_s, samples, outputs, memory.read(), started, finished)
+    return Measurement(first_call_s, samples, memory.read(), started, finished - handled_s, handled_s)
+
+
+def _handle(on_output: OutputHandler, number: int, call: int, output: Any, memory: MemoryTracker) -> float:
+    """``on_output`` outside the measured region; its seconds."""
+    start = time.perf_counter()
+    memory.pause()
+    gc.enable()  # a handler's garbage is collected as it is made, not left to grow over thousands of calls
+    try:
+        on_output(number, call, output)
+        del output
+        gc.collect()
+    finally:
+        gc.disable()
+        memory.resume()
+    return time.perf_counter() - start
 
 
 class MemoryTracker:
-    """Peak memory of the measured region: CUDA allocator peaks, or the process's peak RSS."""
+    """Peak memory of the measured region: CUDA allocator peaks, or the process's peak RSS.
+
+    :meth:`pause` and :meth:`resume` leave out what happens between them: the peak so far is kept aside and
+    the counters start again from what is held when the pause ends.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.peaks: dict[str, float] = {}
+
+    def pause(self) -> None:
+        self.peaks = {key: max(value, self.peaks.get(key, 0.0)) for key, value in self._current().items()}
+
+    def resume(self) -> None:
+        self.reset()
 
     def reset(self) -> None:
         if self.device.type == "cuda":
@@ -119,6 +155,9 @@ class MemoryTracker:
                 pass
 
     def read(self) -> dict[str, float]:
+        return {key: max(value, self.peaks.get(key, 0.0)) for key, value in self._current().items()}
+
+    def _current(self) -> dict[str, float]:
         mib = 1024 * 1024
         if self.device.type == "cuda":
             return {

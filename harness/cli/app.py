@@ -142,7 +142,7 @@ def run_bench(registry: Registry, spec: BenchSpec, options: BenchOptions) -> Non
         if options.dry_run:  # the plan only: no model is resolved or loaded
             if world.is_main:
                 tasks = plan(spec, registry, default_prompt="", seed=spec.seed or 0).tasks
-                click.echo(json.dumps({"spec": spec.config_dict(spec.seed, spec.prompts),
+                click.echo(json.dumps({"spec": spec.config_dict(spec.seed, {"prompts": list(spec.prompts)}),
                                        "tasks": [dataclasses.asdict(task) for task in tasks]}, indent=2, default=str))
             return
         with launch.prepared_run(registry, spec, options, world, notify=say) as run:

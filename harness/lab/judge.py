@@ -236,7 +236,11 @@ SUMMARY_KEYS = ("overall", "commitment", "count", *scenes.OPEN_ATTRIBUTES)
 def judge_all(pairs: Iterable[tuple[Image.Image, str]]) -> dict[str, float]:
     """Mean scores over (image, caption) pairs: ``overall``, ``commitment``, ``count``, each attribute over the
     captions that state it (absent where none does), and the count of pairs ``n``."""
-    results = [judge(image, text) for image, text in pairs]
+    return summarize([judge(image, text) for image, text in pairs])
+
+
+def summarize(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """``judge_all``'s summary of per-pair ``judge`` results."""
     if not results:
         raise ValueError("judge_all needs at least one (image, caption) pair")
     summary: dict[str, float] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,12 +134,18 @@ class Measured:
     memory: Memory
     deterministic: bool
     image_size: list[int]
-    images: list[str]
-    grid: str
+    images: list[str]  # the images written (all, the first few or none: --save_images)
+    grid: str  # "" when no image was written
     warnings: list[str] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     comparisons: list[Comparison] = field(default_factory=list)
     ranks: list[RankFigures] = field(default_factory=list)
+    images_made: int | None = None  # None in records before --save_images: then every image made is named
+
+    @property
+    def image_count(self) -> int:
+        """How many images the measurement made (and its metrics scored)."""
+        return self.images_made if self.images_made is not None else len(self.images)
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,9 @@ class Record:
         prompts = record.config.get("prompts", [])
         if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
             raise wrong("config.prompts", "a list of texts", prompts)
+        digest = record.config.get("prompts_sha256")
+        if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise wrong("config.prompts_sha256", "a SHA-256 digest in hex", digest)
         return record
 
 
@@ -276,10 +286,15 @@ def _check_files(measured: Measured) -> None:
     size = measured.image_size
     if len(size) != 2 or min(size) < 1:
         raise RecordError(f"'image_size' is {size}; it is [width, height], two whole numbers above 0")
-    if not measured.images:
+    if measured.images_made is not None and measured.images_made < max(len(measured.images), 1):
+        raise RecordError(f"'images_made' is {measured.images_made}; a measurement makes 1 image or more, and at "
+                          f"least the {len(measured.images)} it names")
+    if not measured.images and measured.images_made is None:
         raise RecordError("'images' is empty; a measurement names the 1 or more images it made")
+    if bool(measured.images) != bool(measured.grid):
+        raise RecordError("'grid' and 'images' are both named or both empty; a grid shows the images a record names")
     names = [(f"images[{index}]", name) for index, name in enumerate(measured.images)]
-    names += [("grid", measured.grid)]
+    names += [("grid", measured.grid)] if measured.grid else []
     names += [(f"comparisons[{index}].path", c.path) for index, c in enumerate(measured.comparisons)]
     for where, name in names:
         problem = _file_name_problem(name)

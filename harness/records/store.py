@@ -9,6 +9,7 @@ renamed into place, so no reader ever sees half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +22,50 @@ from harness.records.schema import SCHEMA, Record  # noqa: F401 - SCHEMA is part
 
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "summary.md"
+# A run's prompts, once (a JSON list); each record names it and its digest in config, instead of repeating them.
+PROMPTS_FILE = "prompts.json"
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """The SHA-256 of the prompts as their JSON list (ASCII-escaped): equal digests, equal prompts in order."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode("ascii")).hexdigest()
+
+
+def write_prompts(run_dir: Path, prompts: Sequence[str]) -> dict[str, Any]:
+    """Write the run's prompts file; the config fields that name it."""
+    from harness.records.files import write_text_atomic
+
+    write_text_atomic(Path(run_dir) / PROMPTS_FILE, json.dumps(list(prompts), indent=0) + "\n")
+    return {"prompts_file": PROMPTS_FILE, "prompts_sha256": prompts_digest(prompts), "prompts_count": len(prompts)}
+
+
+def prompts_key(config: dict[str, Any]) -> str | None:
+    """What identifies a record's prompts: the digest it names, or (records before prompts files) the digest of
+    the prompts it carries; None when it has neither."""
+    digest = config.get("prompts_sha256")
+    if isinstance(digest, str):
+        return digest
+    prompts = config.get("prompts")
+    if isinstance(prompts, list) and all(isinstance(prompt, str) for prompt in prompts):
+        return prompts_digest(prompts)
+    return None
+
+
+def read_prompts(run_dir: Path, config: dict[str, Any]) -> list[str] | None:
+    """A record's prompts: from its run's prompts file when the digest matches, else those it carries (older
+    records); None when neither is there."""
+    name = config.get("prompts_file")
+    if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+        try:
+            prompts = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) \
+                and prompts_digest(prompts) == config.get("prompts_sha256"):
+            return prompts
+        return None
+    prompts = config.get("prompts")
+    return prompts if isinstance(prompts, list) else None
 
 
 def utc_now() -> str:

@@ -97,7 +97,7 @@ def write_grids(run_dir: Path, record: Record, baselines: Sequence[Record]) -> G
     run_dir = Path(run_dir)
     measured = record.measured
     made = GridsMade()
-    if measured is None:
+    if measured is None or not measured.images:  # --save_images none: no picture, no grid
         return made
     names = measured.images[:MAX_GRID_IMAGES]
     tile = _tile_of(run_dir, names[0])

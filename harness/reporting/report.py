@@ -174,7 +174,7 @@ def summary_markdown(records: Sequence[Record]) -> str:
         "",
         f"- model: {markdown_code(config.get('model'))}; device: {markdown_cell(env.get('device_name', ''))} "
         f"({markdown_cell(env.get('device', ''))}, {markdown_cell(env.get('dtype', ''))}); images {width}x{height}",
-        f"- {len(config.get('prompts', []))} prompt(s) x {config.get('num_images')} image(s) per call; seed "
+        f"- {prompt_count(config)} prompt(s) x {config.get('num_images')} image(s) per call; seed "
         f"{config.get('seed')}; {config.get('warmup')} warmup call(s), {config.get('repeats')} measured pass(es)",
         "- ms/image: median call / images per call, each call bracketed by a device synchronize; stdev in % of "
         "the median; speedup: baseline ms/image / this ms/image; ideal speedup: the baseline's own stage "
@@ -260,8 +260,15 @@ def inside_run_folder(run_dir: Path, name: Any) -> bool:
 
 
 def grid_names(measured: Measured) -> list[str]:
-    """The files ``write_grids`` writes for a record: its grid and its comparison grids."""
-    return [measured.grid, *(comparison.path for comparison in measured.comparisons)]
+    """The files ``write_grids`` writes for a record: its grid and its comparison grids (none with
+    ``--save_images none``)."""
+    return [name for name in (measured.grid, *(comparison.path for comparison in measured.comparisons)) if name]
+
+
+def prompt_count(config: dict[str, Any]) -> Any:
+    """How many prompts a run drew: named in its config, or counted in the prompts older records carry."""
+    count = config.get("prompts_count")
+    return count if count is not None else len(config.get("prompts", []))
 
 
 def files_outside(run_dir: Path, measured: Measured) -> list[str]:

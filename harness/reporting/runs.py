@@ -10,7 +10,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.records.schema import Measured, Record, successful
-from harness.records.store import RECORDS_FILE, read_records
+from harness.records.store import RECORDS_FILE, prompts_key, read_prompts, read_records
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ def load_runs(paths: Sequence[Path], on_warning: Callable[[str], None]) -> list[
 
 
 def _draws(record: Record) -> tuple[Any, Any, Any]:
-    """What fixes the images a measurement scores: the prompts, the seed and the images per prompt (image i of
-    prompt p draws from seed + p * num_images + i)."""
+    """What fixes the images a measurement scores: the prompts (by digest), the seed and the images per prompt
+    (image i of prompt p draws from seed + p * num_images + i)."""
     config = record.config
-    return config.get("prompts"), config.get("seed"), config.get("num_images")
+    return prompts_key(config), config.get("seed"), config.get("num_images")
 
 
 def check_comparable(runs: Sequence[Run]) -> None:
@@ -67,15 +67,17 @@ def check_comparable(runs: Sequence[Run]) -> None:
         for record in run.records:
             draws = _draws(record)
             if draws != reference:
+                difference = _difference(first_run, first_run.records[0], run, record)
                 raise HarnessError(f"runs '{first_run.path}' and '{run.path}' did not score the same prompts and "
-                                   f"seeds ({_difference(reference, draws)}); rerun '{run.path}' with the --prompts, "
+                                   f"seeds ({difference}); rerun '{run.path}' with the --prompts, "
                                    f"--seed and --num_images of '{first_run.path}'.")
 
 
-def _difference(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> str:
-    (a_prompts, a_seed, a_images), (b_prompts, b_seed, b_images) = a, b
-    if a_prompts != b_prompts:
-        if not isinstance(a_prompts, list) or not isinstance(b_prompts, list) or len(a_prompts) != len(b_prompts):
+def _difference(first_run: Run, first: Record, run: Run, record: Record) -> str:
+    (a_key, a_seed, a_images), (b_key, b_seed, b_images) = _draws(first), _draws(record)
+    if a_key != b_key:
+        a_prompts, b_prompts = read_prompts(first_run.folder, first.config), read_prompts(run.folder, record.config)
+        if a_prompts is None or b_prompts is None or len(a_prompts) != len(b_prompts):
             return f"{_count(a_prompts)} against {_count(b_prompts)} prompts"
         index = next(i for i, (x, y) in enumerate(zip(a_prompts, b_prompts)) if x != y)
         return f"prompt {index + 1}: {short_text(a_prompts[index])} against {short_text(b_prompts[index])}"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -152,6 +153,31 @@ def test_torchrun_bench_writes_the_one_process_run(tmp_path, prompts):
     assert result.stdout.count("| flash-lcm") == 2  # only rank 0 prints the table
     psnr = [r["metrics"]["psnr"] for r in record_json(tmp_path / "two") if not r["baseline"]]
     assert all("value" in result for result in psnr)
+
+
+def test_two_processes_merge_metric_states_into_the_one_process_values(tmp_path, prompts):
+    # Each rank streams its images through the metrics; rank 0 merges the states (sums of features for fd-lab,
+    # per-image values for psnr, fidelity and coverage). Only the grid's images travel, and --save_stats agrees.
+    args = ("bench", "--prompts", prompts, "--num_images", "2", "--batch", "1", "--steps", "2",
+            "--compare_baseline", "--baseline_steps", "2", "--metric", "fd-lab", "psnr", "fidelity", "coverage",
+            "--save_images", "grids", "--seed", "7", *FAST)
+    _run(one_process(*args, "--outdir", tmp_path / "one", "--save_stats", tmp_path / "stats_one"))
+    _run(torchrun(*args, "--outdir", tmp_path / "two", "--save_stats", tmp_path / "stats_two"))
+    one, two = record_json(tmp_path / "one"), record_json(tmp_path / "two")
+    assert [r["world_size"] for r in two] == [2, 2] and [r["images_made"] for r in two] == [6, 6]
+    for single, record in zip(one, two):
+        assert set(record["metrics"]) == {"fd-lab", "psnr", "fidelity", "coverage"}
+        for name, result in single["metrics"].items():
+            if "value" in result:
+                assert record["metrics"][name]["value"] == pytest.approx(result["value"], rel=1e-6), name
+            else:
+                assert record["metrics"][name] == result
+    flash_one = next(r for r in one if not r["baseline"])["metrics"]
+    assert flash_one["fd-lab"]["value"] > 0 and flash_one["fd-lab"]["reference"] == "vanilla-sd 2 steps"
+    for name in ("fd-lab_vanilla-sd_2steps.npz", "fd-lab_flash-lcm_2steps.npz"):
+        with np.load(tmp_path / "stats_one" / name) as a, np.load(tmp_path / "stats_two" / name) as b:
+            assert np.allclose(a["mu"], b["mu"], rtol=1e-9) and np.allclose(a["sigma"], b["sigma"], rtol=1e-9)
+    assert _images(tmp_path / "two") == _images(tmp_path / "one")
 
 
 def test_accelerate_launch_eval_with_metrics(tmp_path, prompts):

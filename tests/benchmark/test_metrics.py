@@ -79,7 +79,6 @@ def test_reference_metrics_without_a_baseline_say_what_to_add(tmp_path, embedded
 
 
 def test_no_quality_metric_runs_on_random_weights(tmp_path):
-    from harness.benchmark.measure import Reference
     from harness.benchmark.plan import Task
     from harness.benchmark.runner import BenchRun
     from harness.benchmark.spec import BenchSpec
@@ -87,8 +86,10 @@ def test_no_quality_metric_runs_on_random_weights(tmp_path):
 
     spec = BenchSpec(samplers=("flash-lcm",), steps=(2,), prompts=("p",), model="sd15-arch", outdir=tmp_path,
                      metrics=("psnr",))
-    scores = BenchRun(spec, get_registry()).scorer.score(Task("flash-lcm", 2, 0.0, False, ""), [picture(1)], ["p"],
-                          Reference("vanilla-sd 30 steps", [picture()]))
+    scoring = BenchRun(spec, get_registry()).scoring
+    task = Task("flash-lcm", 2, 0.0, False, "")
+    scoring.start(task, first_baseline=False, run_has_baseline=True)
+    scores = scoring.finish(task, [], succeeded=True)
     assert scores == {"psnr": {"skipped": "random weights, timing only: quality metrics mean nothing here"}}
 
 
@@ -168,7 +169,7 @@ def test_fidelity_on_bench_records_per_attribute_scores_and_refuses_other_prompt
     scores = record["metrics"]["fidelity"]
     # The prompt states all five attributes; the judge adds count, commitment and overall.
     assert set(scores) == {"value", "overall", "commitment", "count", "shape", "colour", "background", "position",
-                           "size", "n", "higher_is_better"}
+                           "size", "n", "higher_is_better", "metric_s"}
     assert scores["value"] == scores["overall"]
     assert 0 <= scores["value"] <= 1 and scores["n"] == 1
 

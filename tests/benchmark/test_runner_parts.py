@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from harness.benchmark import timing
-from harness.benchmark.measure import Reference, Scorer, Share
+from harness.benchmark.measure import Scoring, Share
 from harness.benchmark.metric import Metric, MetricInput
 from harness.benchmark.plan import Task, comparison_name, plan
 from harness.benchmark.record import RecordContext, RunWriter, build_record
@@ -48,12 +48,12 @@ def test_comparison_names_follow_the_sampler_and_never_collide():
     assert comparison_name(flash, vanilla, 2, 42) != comparison_name(flash, ddim, 2, 42)
 
 
-def share(rank: int, samples: list[float], calls: int, memory_mb: float) -> Share:
-    measurement = timing.Measurement(first_call_s=1.0, samples=samples, outputs=[], memory={"peak_rss_mb": memory_mb},
+def share(rank: int, samples: list[float], calls: int, memory_mb: float, images_per_call: int = 2) -> Share:
+    measurement = timing.Measurement(first_call_s=1.0, samples=samples, memory={"peak_rss_mb": memory_mb},
                                      started=100.0 + rank, finished=110.0 + rank)
     stages = Stages(total_s=0.5, text_encode_s=0.1, denoise_s=0.3, decode_s=0.05, per_step_s=[0.15, 0.15],
                     unet_batch_sizes=[2, 2], unet_calls=2)
-    return Share(rank, "host", "cpu", calls, 2.0, {}, [], True, measurement, stages)
+    return Share(rank, "host", "cpu", calls, 2.0, calls * images_per_call, [], True, measurement, stages)
 
 
 def test_build_record_merges_every_rank_without_touching_files():
@@ -79,8 +79,8 @@ def test_run_writer_owns_the_files_and_appends_each_record_whole(tmp_path):
     writer.make_folders([task])
     writer.save_images([Image.new("RGB", (8, 8), "red")], ["image.png"])
     context = RecordContext({"model": "embedded", "prompts": ["a"]}, {"device": "cpu"}, world_size=1)
-    record = build_record(context, task, [share(0, [0.1], calls=1, memory_mb=1.0)], {}, ["image.png"], "grid.png",
-                          [8, 8], [], {}, [])
+    record = build_record(context, task, [share(0, [0.1], calls=1, memory_mb=1.0, images_per_call=1)], {},
+                          ["image.png"], "grid.png", [8, 8], [], {}, [])
     writer.add(record)
     writer.add(context.failed(Task("flash-lcm", 4, 0.0, False, "", "flash"), "boom"))
     writer.write_summary()
@@ -95,19 +95,49 @@ class Constant(Metric):
     needs_reference = True
 
     def score(self, data: MetricInput) -> dict:
-        if data.prompts == ["raise"]:
+        if "raise" in data.prompts:
             raise ValueError("cannot score")
-        return {"value": 1.0}
+        return {"value": 1.0, "n": len(data.images), "references": list(data.references)}
 
 
-def test_the_scorer_names_the_reference_and_turns_a_failure_into_a_record_entry():
+def batch(indices, prompt="p"):
+    return MetricInput([Image.new("RGB", (8, 8), (index, 0, 0)) for index in indices], [prompt] * len(indices),
+                       indices=indices)
+
+
+def test_scoring_names_the_reference_and_turns_a_failure_into_a_record_entry():
     warnings: list[str] = []
-    scorer = Scorer({"constant": Constant(None)}, None, warnings.append)
+    scoring = Scoring({"constant": Constant(None)}, None, warnings.append, lambda name: None)
+    baseline = Task("vanilla-sd", 30, 7.5, True, "baseline", "baseline")
     few = Task("flash-lcm", 2, 0.0, False, "", "flash")
-    reference = Reference("vanilla-sd 30 steps", ["baseline image"])
-    assert scorer.score(few, ["image"], ["p"], reference) == {
-        "constant": {"value": 1.0, "reference": "vanilla-sd 30 steps", "higher_is_better": True}}
-    assert scorer.score(few, ["image"], ["p"], None) == {
-        "constant": {"skipped": "no baseline in this run to compare with: add --compare_baseline"}}
-    assert scorer.score(few, ["image"], ["raise"], reference) == {"constant": {"error": "ValueError: cannot score"}}
+    scoring.start(baseline, first_baseline=True, run_has_baseline=True)
+    scoring.update(batch([0, 1]), baseline)
+    assert scoring.finish(baseline, [], succeeded=True) == {
+        "constant": {"skipped": "this measurement is the reference"}}
+    scoring.start(few, first_baseline=False, run_has_baseline=True)
+    scoring.update(batch([1, 0]), few)  # the references arrive aligned with the images, by index
+    result = scoring.finish(few, [], succeeded=True)["constant"]
+    assert result["reference"] == "vanilla-sd 30 steps" and result["n"] == 2 and result["higher_is_better"]
+    assert [image.getpixel((0, 0))[0] for image in result["references"]] == [0, 1]
+    scoring.start(few, first_baseline=False, run_has_baseline=True)
+    scoring.update(batch([0], "raise"), few)
+    assert scoring.finish(few, [], succeeded=True) == {"constant": {"error": "ValueError: cannot score"}}
     assert warnings == ["metric constant on flash-lcm 2 steps: ValueError: cannot score"]
+    scoring.start(few, first_baseline=False, run_has_baseline=False)
+    assert scoring.finish(few, [], succeeded=True) == {
+        "constant": {"skipped": "no baseline in this run to compare with: add --compare_baseline"}}
+    scoring.close()
+
+
+def test_a_failed_baseline_leaves_its_comparisons_skipped_not_wrong():
+    scoring = Scoring({"constant": Constant(None)}, None, lambda _: None, lambda name: None)
+    baseline = Task("vanilla-sd", 30, 7.5, True, "baseline", "baseline")
+    few = Task("flash-lcm", 2, 0.0, False, "", "flash")
+    scoring.start(baseline, first_baseline=True, run_has_baseline=True)
+    scoring.update(batch([0]), baseline)
+    scoring.finish(baseline, [], succeeded=False)
+    scoring.start(few, first_baseline=False, run_has_baseline=True)
+    scoring.update(batch([0]), few)
+    assert scoring.finish(few, [], succeeded=True) == {
+        "constant": {"skipped": "the baseline to compare with failed; see its record"}}
+    scoring.close()

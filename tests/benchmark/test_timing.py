@@ -2,6 +2,7 @@
 
 import gc
 import statistics
+import time
 
 import pytest
 import torch
@@ -32,11 +33,20 @@ def test_measure_accounts_for_every_call_and_restores_gc():
             return name
         return call
 
-    measurement = timing.measure([make("a"), make("b")], CPU, timing.TimingSettings(warmup=3, repeats=4))
+    handed: list[tuple[int, int, str]] = []
+
+    def on_output(number, call, output):  # outside the timed brackets and the wall-clock span
+        handed.append((number, call, output))
+        assert gc.isenabled()  # a handler's garbage is collected as it is made
+        time.sleep(0.05)
+
+    measurement = timing.measure([make("a"), make("b")], CPU, timing.TimingSettings(warmup=3, repeats=4), on_output)
     # first call (a) + 3 warmups (a, b, a) + 4 passes over both calls
     assert calls == {"a": 1 + 2 + 4, "b": 1 + 4}
-    assert len(measurement.samples) == 8
-    assert measurement.outputs == [["a", "b"]] * 4
+    assert len(measurement.samples) == 8 and max(measurement.samples) < 0.05
+    assert handed == [(number, call, name) for number in range(4) for call, name in enumerate("ab")]
+    assert measurement.handled_s >= 8 * 0.05
+    assert measurement.finished - measurement.started < measurement.handled_s
     assert measurement.first_call_s >= 0
     assert gc.isenabled()
 

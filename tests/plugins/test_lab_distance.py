@@ -67,5 +67,5 @@ def test_a_set_against_itself_is_about_zero_and_smears_or_one_layout_are_far():
 
 
 def test_too_few_images_are_refused_in_one_line():
-    with pytest.raises(harness.HarnessError, match="at least 2 images on each side"):
+    with pytest.raises(harness.HarnessError, match="at least 2 pictures on each side"):
         fd_lab(renders(1, seed=5), renders(8, seed=6))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from harness_plugins import set_metrics
-from harness_plugins.set_metrics import Cmmd, FdDinov2, Fid, Kid, embed, frechet, mmd_rbf
+from harness_plugins.set_metrics import Cmmd, FdDinov2, Fid, Kid, embed, mmd_rbf
 from PIL import ImageOps
 
 import harness
@@ -43,8 +43,10 @@ def test_frechet_distance_of_fixed_features_matches_the_definition():
     images, references = renders(40, 1), renders(30, 2)
     expected = frechet_oracle(pixel_features(set_metrics.as_uint8(images)).numpy(),
                               pixel_features(set_metrics.as_uint8(references)).numpy())
-    assert frechet(pixel_features, images, references) == pytest.approx(expected, rel=1e-6)
-    assert frechet(pixel_features, images, images) < 1e-6
+    fid = metric(Fid)
+    fid.extractor = lambda: pixel_features
+    assert fid.score(harness.MetricInput(images, [""] * 40, references))["value"] == pytest.approx(expected, rel=1e-6)
+    assert fid.score(harness.MetricInput(images, [""] * 40, images))["value"] < 1e-6
 
 
 def test_cmmd_is_the_published_estimator_and_the_unbiased_one_drops_the_diagonals():
@@ -103,5 +105,6 @@ def test_missing_weights_or_packages_are_one_line_naming_the_fix(tmp_path, monke
 
 def test_one_image_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(Fid, "extractor", lambda self: pixel_features)
-    with pytest.raises(harness.HarnessError, match="fid needs at least 2 images on each side"):
+    with pytest.raises(harness.HarnessError, match="fid needs at least 2 pictures on each side, this measurement "
+                                                   "has 1"):
         metric(Fid).score(harness.MetricInput(renders(1, 8), [""], renders(4, 9)))
