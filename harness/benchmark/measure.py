@@ -171,6 +171,7 @@ class Scoring:
         self.results: dict[str, dict[str, Any]] = {}
         self.seconds: dict[str, float] = {}
         self.becomes_reference = False
+        self.broken: dict[str, str] = {}  # metric -> why it cannot score in this run (rank 0 knows)
 
     @property
     def wants_reference_images(self) -> bool:
@@ -181,6 +182,9 @@ class Scoring:
         self.active, self.results, self.seconds = {}, {}, {}
         self.becomes_reference = task.baseline and first_baseline
         for name, metric in self.metrics.items():
+            if name in self.broken:
+                self.results[name] = {"error": self.broken[name]}
+                continue
             skipped = self._skipped(metric, task, run_has_baseline)
             if skipped is not None:
                 self.results[name] = {"skipped": skipped}
@@ -257,8 +261,8 @@ class Scoring:
             if "value" in results[name]:
                 seconds = self.seconds[name] + sum(states[name][2] for states in others if name in states)
                 results[name]["metric_s"] = seconds + time.perf_counter() - start
-        for name, result in results.items():
-            if "error" in result:
+        for name, result in results.items() if succeeded else ():  # a failed measurement's record says why
+            if "error" in result and name not in self.broken:  # the broken ones were named when the run started
                 self.on_warning(f"metric {name} on {label}: {result['error']}")
         if self.becomes_reference and succeeded:
             self.reference_images.label = self.reference_set_label = label

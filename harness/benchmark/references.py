@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from harness.benchmark.measure import METRIC_BATCH
 from harness.benchmark.metric import Metric, MetricInput
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.records import files
 
 if TYPE_CHECKING:
@@ -113,9 +113,11 @@ class ReferenceSets:
             return self.statistics[metric][0]
         return f"folder '{self.spec.reference}' ({len(self.folder)} pictures)" if self.folder else None
 
-    def read(self, metrics: Mapping[str, Metric]) -> None:
-        """Rank 0, before the first sampler: each set metric takes its reference."""
-        from_folder: list[Metric] = []
+    def read(self, metrics: Mapping[str, Metric]) -> dict[str, str]:
+        """Rank 0, before the first sampler: each set metric takes its reference. Returns the one-line error of
+        each metric that could not (its weights missing, say): it scores nothing, and the others still run."""
+        failures: dict[str, str] = {}
+        from_folder: dict[str, Metric] = {}
         for name, metric in metrics.items():
             if not metric.reference_set:
                 continue
@@ -124,17 +126,26 @@ class ReferenceSets:
                 metric.use_reference_statistics(arrays, label)
             elif self.folder:
                 metric.reset()
-                from_folder.append(metric)
+                from_folder[name] = metric
         for start in range(0, len(self.folder), METRIC_BATCH):
             paths = self.folder[start:start + METRIC_BATCH]
             batch = MetricInput([_open(path) for path in paths], [""] * len(paths),
                                 indices=range(start, start + len(paths)))
-            for metric in from_folder:
-                metric.update(batch)
-        for metric in from_folder:
-            metric.use_as_reference(f"folder '{self.spec.reference}' ({len(self.folder)} pictures)")
+            for name, metric in list(from_folder.items()):
+                try:
+                    metric.update(batch)
+                except Exception as error:  # noqa: BLE001 - a failing metric must not stop the run
+                    failures[name] = f"cannot read the --reference pictures: {one_line(error)}"
+                    del from_folder[name]
+        for name, metric in from_folder.items():
+            try:
+                metric.use_as_reference(f"folder '{self.spec.reference}' ({len(self.folder)} pictures)")
+            except Exception as error:  # noqa: BLE001 - a failing metric must not stop the run
+                failures[name] = f"cannot read the --reference pictures: {one_line(error)}"
+                continue
             if self.spec.save_stats is not None:  # a later run can use the folder's statistics instead of it
-                self._write(metric.name, "reference", metric.statistics())
+                self._write(name, "reference", metric.statistics())
+        return failures
 
     def save_stats(self, scored: Mapping[str, Metric], results: Mapping[str, Mapping[str, Any]], task: Task) -> None:
         """``--save_stats``: the statistics of ``task``'s pictures of each set metric that saw them all (``scored``:

@@ -143,7 +143,9 @@ class BenchRun:
                 config.update(model=self.model.name, model_location=self.model.location)
                 self.context = RecordContext(config, self.environment, self.world.size)
                 if self.scoring.random_weights_note is None:
-                    self.references.read(self.metrics)
+                    self.scoring.broken = self.references.read(self.metrics)
+                    for name, message in self.scoring.broken.items():
+                        self.on_warning(f"metric {name}: {message}")
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:

@@ -213,7 +213,8 @@ def run_sections(records: Sequence[Record], images: ImageSource, level: int) -> 
                                  f"{comparison.baseline_sampler} {comparison.baseline_steps} steps (top), "
                                  f"{record.sampler} {record.steps} steps (bottom)")
                    for record, measured in ok for comparison in measured.comparisons]
-    grids = [images.figure(measured.grid, f"{record.sampler}, {record.steps} steps") for record, measured in ok]
+    grids = [images.figure(measured.grid, f"{record.sampler}, {record.steps} steps") for record, measured in ok
+             if measured.grid]  # --save_images none writes no grid
     for title, figures in (("Plots", plots), ("Comparison grids", comparisons), ("Grids per step count", grids)):
         if figures:
             parts += [f"<{heading}>{title}</{heading}>", _gallery(figures)]

@@ -128,6 +128,30 @@ def test_a_reference_folder_is_what_set_metrics_compare_with(tmp_path, embedded_
                                                                       "fd-lab_reference.npz"]
 
 
+def test_a_metric_that_cannot_read_the_reference_folder_records_why_and_the_others_run(tmp_path, embedded_model,
+                                                                                     monkeypatch):
+    from harness_plugins.set_metrics import Fid
+
+    from harness import HarnessError
+
+    def no_weights(self):
+        raise HarnessError("fid cannot load the Inception-V3 features: offline; install torch-fidelity.")
+
+    monkeypatch.setattr(Fid, "extractor", no_weights)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (index * 80, 0, 0)).save(folder / f"{index}.png")
+    result = invoke("bench", *FAST, "--prompts", "held-out", "--prompt_count", "3", "--metric", "fid", "fd-lab",
+                    "--reference", folder, "--outdir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("metric fid: cannot read the --reference pictures: fid cannot load") == 1
+    [record] = record_json(tmp_path / "run")
+    assert record["metrics"]["fid"] == {"error": "cannot read the --reference pictures: fid cannot load the "
+                                                 "Inception-V3 features: offline; install torch-fidelity."}
+    assert record["metrics"]["fd-lab"]["value"] > 0
+
+
 def test_save_images_grids_keeps_the_first_pictures_and_the_grids(tmp_path, embedded_model):
     result = invoke("bench", *FAST, "--prompts", "held-out", "--prompt_count", "40", "--save_images", "grids",
                     "--outdir", tmp_path / "run")

@@ -108,3 +108,34 @@ def test_one_image_is_refused_in_one_line(monkeypatch):
     with pytest.raises(harness.HarnessError, match="fid needs at least 2 pictures on each side, this measurement "
                                                    "has 1"):
         metric(Fid).score(harness.MetricInput(renders(1, 8), [""], renders(4, 9)))
+
+
+def test_nan_features_and_a_reference_of_other_features_are_one_line(monkeypatch):
+    monkeypatch.setattr(Fid, "extractor", lambda self: lambda images: torch.full((len(images), 12), float("nan")))
+    with pytest.raises(harness.HarnessError, match=r"^fid: the features of 4 pictures came out NaN or infinite; "
+                                                   r"check the pictures"):
+        metric(Fid).score(harness.MetricInput(renders(4, 10), [""] * 4, renders(4, 11)))
+    monkeypatch.setattr(Fid, "extractor", lambda self: pixel_features)
+    fid = metric(Fid)
+    fid.use_reference_statistics({"mu": np.zeros(5), "sigma": np.eye(5)}, "statistics 'other.npz'")
+    fid.reset()
+    fid.update(harness.MetricInput(renders(4, 12), [""] * 4))
+    with pytest.raises(harness.HarnessError, match=r"the reference \(statistics 'other.npz'\) has 5 features, these "
+                                                   r"pictures 12"):
+        fid.compute()
+
+
+@pytest.mark.parametrize("cls", [Fid, Kid])
+def test_feature_sums_merged_from_two_processes_equal_one_process(cls):
+    images = renders(30, 13)
+    one, rank0, rank1 = metric(cls), metric(cls), metric(cls)
+    for each in (one, rank0, rank1):
+        each.extractor = lambda: pixel_features
+        each.reset()
+    one.update(harness.MetricInput(images, [""] * 30))
+    rank0.update(harness.MetricInput(images[0::2], [""] * 15, indices=range(0, 30, 2)))
+    rank1.update(harness.MetricInput(images[1::2], [""] * 15, indices=range(1, 30, 2)))
+    rank0.merge([rank1.state()])
+    assert set(one.statistics()) == ({"mu", "sigma", "features"} if cls is Kid else {"mu", "sigma"})
+    for name, array in one.statistics().items():
+        assert np.allclose(rank0.statistics()[name], array, rtol=1e-12, atol=1e-15), name
