@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness_plugins.clip_score import on_device
 
 import harness
 from harness import HarnessError, Metric, MetricInput, one_line, setting
@@ -230,9 +231,9 @@ class InceptionMetric(SetMetric):
                                    "matches your torch) and run once with network to fetch its weights.") from None
 
         def extract(images: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                (features,) = network(images)
-            return features
+            with on_device(network, self.config.device), torch.inference_mode():
+                (features,) = network(images.to(self.config.device))
+            return features.cpu()
 
         return extract
 
@@ -282,7 +283,7 @@ class HubModelMetric(SetMetric):
                                    f"pass --{self.model_option.replace('_', '-')} with a local folder saved with "
                                    "save_pretrained, or run once with network (huggingface-cli login if it "
                                    "asks).") from None
-        return model.to(self.config.device), processor
+        return model, processor  # on the device only while a batch is read (on_device)
 
 
 class FdDinov2(HubModelMetric):
@@ -302,7 +303,7 @@ class FdDinov2(HubModelMetric):
 
         def extract(images: torch.Tensor) -> torch.Tensor:
             inputs = processor(images=list(images), return_tensors="pt").to(self.config.device)
-            with torch.inference_mode():
+            with on_device(model, self.config.device), torch.inference_mode():
                 return model(**inputs).last_hidden_state[:, 0].cpu()
 
         return extract
@@ -332,7 +333,7 @@ class Cmmd(HubModelMetric):
 
         def extract(images: torch.Tensor) -> torch.Tensor:
             inputs = processor(images=list(images), return_tensors="pt").to(self.config.device)
-            with torch.inference_mode():
+            with on_device(model, self.config.device), torch.inference_mode():
                 embeddings = model.get_image_features(**inputs)
             if not isinstance(embeddings, torch.Tensor):  # transformers 5: the projection is the pooler output
                 embeddings = embeddings.pooler_output

@@ -77,9 +77,9 @@ def measure_share(
         position, request = mine[call]
         pending.extend((position * per_call + i, image, request.prompt, request.seeds[i])
                        for i, image in enumerate(output))
-        if len(pending) >= METRIC_BATCH or call == len(calls) - 1:
-            indices, images, prompts, seeds = zip(*pending)
-            pending.clear()
+        while len(pending) >= METRIC_BATCH or pending and call == len(calls) - 1:
+            indices, images, prompts, seeds = zip(*pending[:METRIC_BATCH])
+            del pending[:METRIC_BATCH]
             consume(MetricInput(images, prompts, indices=indices, seeds=seeds))
 
     measurement = timing.measure(calls, device, settings, on_output)
@@ -128,16 +128,20 @@ class ReferenceImages:
 
     def __init__(self) -> None:
         self._folder: tempfile.TemporaryDirectory[str] | None = None
-        self.label: str | None = None  # which baseline, once its measurement succeeded
+        self.failure: str | None = None  # why they could not be kept
 
     def add(self, batch: MetricInput) -> None:
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="harness-reference-")
-        for index, image in zip(batch.positions, batch.images):
-            image.save(Path(self._folder.name) / f"{index}.png")
+        try:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="harness-reference-")
+            for index, image in zip(batch.positions, batch.images):
+                image.save(Path(self._folder.name) / f"{index}.png")
+        except OSError as error:  # the comparisons fail, one line each; the baseline's measurement stands
+            self.failure = f"{one_line(error).rstrip('.')} (in {tempfile.gettempdir()}; set TMPDIR to a roomier folder)"
 
     def get(self, indices: Sequence[int]) -> list[Any]:
-        assert self._folder is not None
+        if self.failure is not None or self._folder is None:
+            raise HarnessError(f"the baseline's pictures could not be kept to compare with: {self.failure}.")
         images = []
         for index in indices:
             with Image.open(Path(self._folder.name) / f"{index}.png") as image:
@@ -166,7 +170,10 @@ class Scoring:
         self.on_warning = on_warning
         self.external_reference = external_reference  # a metric's --reference / --reference_stats label, if any
         self.reference_images = ReferenceImages()
-        self.reference_set_label: str | None = None  # the baseline whose pictures the set metrics compare with
+        # The first baseline, once its record is in (commit_reference), and the set metrics that took its pictures.
+        self.reference_label: str | None = None
+        self.reference_sets: set[str] = set()
+        self._taken: set[str] = set()  # set metrics that took this measurement's pictures, until committed
         self.active: dict[str, Metric] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.seconds: dict[str, float] = {}
@@ -233,7 +240,10 @@ class Scoring:
         states: dict[str, Any] = {}
         for name in self.metrics:
             if name in self.active:
-                states[name] = ("state", self.active[name].state(), self.seconds[name])
+                try:
+                    states[name] = ("state", self.active[name].state(), self.seconds[name])
+                except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
+                    states[name] = ("error", one_line(error), 0.0)
             elif "error" in self.results.get(name, {}):
                 states[name] = ("error", self.results[name]["error"], 0.0)
         return states
@@ -245,9 +255,11 @@ class Scoring:
         """
         label = f"{task.sampler} {task.steps} steps"
         results = dict(self.results)
+        self._taken = set()
         for name in self.seconds:  # every metric started, failed or not: without its reference, it is skipped
-            if self._reference_failed(self.metrics[name]):
-                results[name] = {"skipped": "the baseline to compare with failed; see its record"}
+            missing = self._missing_reference(name)
+            if missing is not None:
+                results[name] = {"skipped": missing}
                 self.active.pop(name, None)
         for name, metric in self.active.items() if succeeded else ():
             failure = next((state[1] for states in others for state in [states.get(name)]
@@ -264,32 +276,40 @@ class Scoring:
         for name, result in results.items() if succeeded else ():  # a failed measurement's record says why
             if "error" in result and name not in self.broken:  # the broken ones were named when the run started
                 self.on_warning(f"metric {name} on {label}: {result['error']}")
-        if self.becomes_reference and succeeded:
-            self.reference_images.label = self.reference_set_label = label
         return {name: results[name] for name in self.metrics if name in results}
 
-    def _reference_failed(self, metric: Metric) -> bool:
-        """Whether the metric compares with this run's first baseline, which did not succeed."""
+    def commit_reference(self, task: Task) -> None:
+        """Rank 0, once the first baseline's record is written: later measurements compare with it."""
         if self.becomes_reference:
-            return False
-        if metric.needs_reference:
-            return self.reference_images.label is None
-        return (metric.reference_set and self.external_reference(metric.name) is None
-                and self.reference_set_label is None)
+            self.reference_label = f"{task.sampler} {task.steps} steps"
+            self.reference_sets = self._taken
+
+    def _missing_reference(self, name: str) -> str | None:
+        """Why metric ``name`` has nothing to compare with (its baseline failed), or None."""
+        metric = self.metrics[name]
+        if self.becomes_reference or not (metric.needs_reference or metric.reference_set
+                                          and self.external_reference(name) is None):
+            return None
+        if self.reference_label is None:
+            return "the baseline to compare with failed; see its record"
+        if metric.reference_set and name not in self.reference_sets:
+            return f"{name} failed on the baseline's pictures; see the baseline's record"
+        return None
 
     def _computed(self, name: str, metric: Metric, states: list[Any], label: str) -> dict[str, Any]:
         try:
             metric.merge(states)
             if metric.reference_set and self.becomes_reference and self.external_reference(name) is None:
                 metric.use_as_reference(label)
+                self._taken.add(name)
                 return {"skipped": "this measurement is the reference"}
             result = metric.compute()
         except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
             return {"error": one_line(error)}
         if metric.needs_reference:
-            result["reference"] = self.reference_images.label
+            result["reference"] = self.reference_label
         elif metric.reference_set:
-            result["reference"] = self.external_reference(name) or self.reference_set_label
+            result["reference"] = self.external_reference(name) or self.reference_label
         return {**result, "higher_is_better": metric.higher_is_better}
 
     def close(self) -> None:

@@ -85,9 +85,11 @@ class ReferenceSets:
                 raise HarnessError("--reference is what set metrics compare with; add one, e.g. --metric fid "
                                    "(or fd-lab on the embedded model).")
             self.folder = _reference_pictures(Path(spec.reference), size)
-        if spec.save_stats is not None and not set_metrics:
-            raise HarnessError("--save_stats writes the statistics of set metrics; add one, e.g. --metric fid "
-                               "(or fd-lab on the embedded model).")
+        if spec.save_stats is not None:
+            if not set_metrics:
+                raise HarnessError("--save_stats writes the statistics of set metrics; add one, e.g. --metric fid "
+                                   "(or fd-lab on the embedded model).")
+            _check_writable_folder(Path(spec.save_stats))
 
     def _check_stats(self, name: str, path: Path, metrics: Mapping[str, Metric]) -> None:
         option = f"--reference_stats {name}={path}"
@@ -147,13 +149,22 @@ class ReferenceSets:
                 self._write(name, "reference", metric.statistics())
         return failures
 
-    def save_stats(self, scored: Mapping[str, Metric], results: Mapping[str, Mapping[str, Any]], task: Task) -> None:
+    def save_stats(self, scored: Mapping[str, Metric], results: Mapping[str, Mapping[str, Any]],
+                   task: Task) -> list[str]:
         """``--save_stats``: the statistics of ``task``'s pictures of each set metric that saw them all (``scored``:
-        the metrics that scored the measurement; ``results``: what they recorded)."""
+        the metrics that scored the measurement; ``results``: what they recorded). Returns what could not be
+        written, one line each: the measurement and its record stand."""
+        problems = []
         for name, metric in scored.items():
             if not metric.reference_set or "error" in results.get(name, {"error": "not scored"}):
                 continue
-            self._write(name, stats_file_name(name, task.sampler, task.steps), metric.statistics())
+            file_name = stats_file_name(name, task.sampler, task.steps)
+            try:
+                self._write(name, file_name, metric.statistics())
+            except Exception as error:  # noqa: BLE001 - a statistics file must not undo a measurement
+                problems.append(f"--save_stats: {file_name} was not written: {one_line(error).rstrip('.')}; "
+                                "check the folder (space, permissions).")
+        return problems
 
     def _write(self, metric: str, name: str, arrays: dict[str, np.ndarray]) -> None:
         assert self.spec.save_stats is not None
@@ -164,6 +175,18 @@ class ReferenceSets:
             with temp.open("wb") as handle:  # a file object: np.savez would add .npz to a name
                 save: Any = np.savez  # numpy's stubs type every keyword as allow_pickle
                 save(handle, **arrays)
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """--save_stats: a folder harness can make and write into (made now, before the run folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".harness-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise HarnessError(f"--save_stats '{folder}' is not a folder harness can write to ({error.strerror or error}); "
+                           "pass another folder.") from None
 
 
 def _reference_pictures(folder: Path, size: tuple[int, int] | None) -> list[Path]:

@@ -146,6 +146,8 @@ class BenchRun:
                     self.scoring.broken = self.references.read(self.metrics)
                     for name, message in self.scoring.broken.items():
                         self.on_warning(f"metric {name}: {message}")
+            # Every rank learns which metrics cannot score, so none spends time on them.
+            self.scoring.broken = distributed.all_gather(self.scoring.broken, self.world)[0]
             for name in dict.fromkeys(task.sampler for task in self.tasks):
                 self._run_sampler(name, [task for task in self.tasks if task.sampler == name])
         except OSError as error:
@@ -224,6 +226,7 @@ class BenchRun:
         self.scoring.start(task, first_baseline=bool(baselines) and task == baselines[0],
                            run_has_baseline=bool(baselines))
         kept: dict[int, Any] = {}  # another rank's images to save, sent to rank 0
+        written: list[str] = []  # rank 0's, written as they are made
         saved = self.spec.images_saved(len(requests) * self.plan.images_per_call)
         sizes: list[list[int]] = []
 
@@ -233,7 +236,8 @@ class BenchRun:
             for index, image in zip(batch.positions, batch.images):
                 if index < saved:
                     if self.world.is_main:
-                        self.writer.save_images([image], [file_names(task, index, self.spec.seed)[0]])
+                        written.append(file_names(task, index, self.spec.seed)[0])
+                        self.writer.save_images([image], written[-1:])
                     else:
                         kept[index] = image
 
@@ -249,10 +253,13 @@ class BenchRun:
         error = self._first_failure([error for _, error in shares])
         if error is None:
             _, error = self._guarded(lambda: self._record(task, [s for s, _ in shares], info, saved, sizes[0]))
-        if error is not None:
-            self.scoring.finish(task, [], succeeded=False)
-            self.errors.append(f"{task.sampler} ({task.steps} steps): {error}")
-            self.writer.add(self.context.failed(task, error))
+        if error is None:
+            self.scoring.commit_reference(task)
+            return
+        for name in written:  # a failed measurement names no picture: the ones it wrote go
+            (self.outdir / name).unlink(missing_ok=True)
+        self.errors.append(f"{task.sampler} ({task.steps} steps): {error}")
+        self.writer.add(self.context.failed(task, error))
 
     def _record(self, task: Task, shares: list[Share], info: dict[str, Any], saved: int,
                 image_size: list[int]) -> None:
@@ -269,7 +276,8 @@ class BenchRun:
         names = [file_names(task, index, seed_in_names)[0] for index in range(min(saved, made))]
         metrics = self.scoring.finish(task, [share.metric_states for share in shares[1:]], succeeded=True)
         if self.spec.save_stats is not None:
-            self.references.save_stats(self.scoring.active, metrics, task)
+            for unwritten in self.references.save_stats(self.scoring.active, metrics, task):
+                self.on_warning(unwritten)
         baselines = self.plan.baselines
         comparisons = (
             []

@@ -35,6 +35,7 @@ def test_seed_file_names(compare_run):
         "grid_s2_seed42.png", "grid_s4_seed42.png", "grid_s8_seed42.png",
         "compare_baseline30_flash2_seed42.png", "compare_baseline30_flash4_seed42.png",
         "compare_baseline30_flash8_seed42.png", "records.jsonl", "summary.md", "latency.png", "baseline",
+        "prompts.json",
     }
     assert {p.name for p in outdir.iterdir()} == expected
     assert {p.name for p in (outdir / "baseline").iterdir()} == {

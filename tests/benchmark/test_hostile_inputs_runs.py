@@ -112,6 +112,8 @@ def test_nan_images_mark_the_measurement_and_all_blank_images_fail_it(tmp_path, 
     assert fine["status"] == "ok" and fine["warnings"] == [] and fine["stages"]["nonfinite_images"] == 0
     for record in (partly, fine):
         assert all((outdir / name).is_file() for name in record["images"])
+    # The failed measurement's pictures were written as they were made; its failure takes them away again.
+    assert not list((outdir / "nan-all").glob("image_*.png"))
     summary = (outdir / "summary.md").read_text()
     assert "| nan-first (NaN) |" in summary and "| flash-lcm  " in summary
     assert report.NONFINITE_NOTE in summary

@@ -296,4 +296,7 @@ def test_a_run_records_its_suite_in_the_config(tmp_path, embedded_model):
     config = record_json(outdir)[0]["config"]
     assert config["prompt_suite"] == {"name": None, "file": str(path), "column": "caption", "image_key": "image_id",
                                       "images": 12, "count": 2, "seed": 4, "draw": DRAW}
-    assert config["prompts"] == load_prompt_set(str(path), seed=4, count=2).prompts
+    # The prompts themselves are written once, to prompts.json, and named by their digest.
+    drawn = load_prompt_set(str(path), seed=4, count=2).prompts
+    assert json.loads((outdir / config["prompts_file"]).read_text(encoding="utf-8")) == list(drawn)
+    assert config["prompts_count"] == 2 and "prompts" not in config

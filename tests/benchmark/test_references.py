@@ -84,6 +84,8 @@ def stats_file(path, size, **extra):
     (lambda tmp: ("--metric", "psnr", "--reference", tmp), "--reference is what set metrics compare with"),
     (lambda tmp: ("--metric", "psnr", "--save_stats", tmp / "stats"), "--save_stats writes the statistics of set"),
     (lambda tmp: ("--metric", "fd-lab", "--reference", tmp / "nowhere"), "is not a folder"),
+    (lambda tmp: ("--metric", "fd-lab", "--save_stats", (tmp / "file").write_text("") or tmp / "file"),
+     "is not a folder harness can write to"),
 ])
 def test_bad_references_are_refused_before_the_run_folder_exists(tmp_path, embedded_model, make_args, message):
     result = invoke("bench", *FAST, *make_args(tmp_path), "--outdir", tmp_path / "run")
@@ -163,3 +165,50 @@ def test_save_images_grids_keeps_the_first_pictures_and_the_grids(tmp_path, embe
     assert (tmp_path / "run" / record["grid"]).is_file()
     assert record["config"]["save_images"] == "grids" and record["config"]["prompts_count"] == 40
     assert "prompts" not in record["config"]
+
+
+class BrokenOnTheBaseline:
+    """A set metric that cannot take the baseline's pictures as its reference."""
+
+    name = "broken-set"
+    higher_is_better = False
+    needs_reference = False
+    reference_set = True
+
+    def reset(self):
+        pass
+
+    def update(self, batch):
+        pass
+
+    def state(self):
+        return None
+
+    def merge(self, states):
+        pass
+
+    def use_as_reference(self, label):
+        raise ValueError("no spread in the baseline's features")
+
+    def compute(self):
+        raise AssertionError("never computed without a reference")
+
+
+def test_a_set_metric_that_failed_on_the_baseline_is_skipped_later_naming_why():
+    from harness.benchmark.measure import Scoring
+    from harness.benchmark.metric import MetricInput
+    from harness.benchmark.plan import Task
+
+    scoring = Scoring({"broken-set": BrokenOnTheBaseline()}, None, lambda _: None, lambda name: None)
+    baseline = Task("vanilla-sd", 30, 7.5, True, "baseline", "baseline")
+    few = Task("flash-lcm", 2, 0.0, False, "", "flash")
+    batch = MetricInput([Image.new("RGB", (8, 8))], ["p"], indices=[0])
+    scoring.start(baseline, first_baseline=True, run_has_baseline=True)
+    scoring.update(batch, baseline)
+    assert scoring.finish(baseline, [], succeeded=True) == {
+        "broken-set": {"error": "ValueError: no spread in the baseline's features"}}
+    scoring.commit_reference(baseline)
+    scoring.start(few, first_baseline=False, run_has_baseline=True)
+    scoring.update(batch, few)
+    assert scoring.finish(few, [], succeeded=True) == {
+        "broken-set": {"skipped": "broken-set failed on the baseline's pictures; see the baseline's record"}}

@@ -114,6 +114,7 @@ def test_scoring_names_the_reference_and_turns_a_failure_into_a_record_entry():
     scoring.update(batch([0, 1]), baseline)
     assert scoring.finish(baseline, [], succeeded=True) == {
         "constant": {"skipped": "this measurement is the reference"}}
+    scoring.commit_reference(baseline)  # once the baseline's record is written
     scoring.start(few, first_baseline=False, run_has_baseline=True)
     scoring.update(batch([1, 0]), few)  # the references arrive aligned with the images, by index
     result = scoring.finish(few, [], succeeded=True)["constant"]
