@@ -39,7 +39,6 @@ from harness_plugins.clip_score import on_device
 import harness
 from harness import HarnessError, Metric, MetricInput, one_line, setting
 
-BATCH = 32
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
 
@@ -189,11 +188,6 @@ def frechet_distance(pictures: dict[str, np.ndarray], reference: dict[str, np.nd
     mu1, sigma1, mu2, sigma2 = (torch.from_numpy(np.asarray(array, dtype=np.float64)) for array in
                                 (pictures["mu"], pictures["sigma"], reference["mu"], reference["sigma"]))
     return max(float(_compute_fid(mu1, sigma1, mu2, sigma2)), 0.0)
-
-
-def embed(extract, pictures) -> torch.Tensor:
-    return torch.cat([extract(as_uint8(pictures[start:start + BATCH])).double()
-                      for start in range(0, len(pictures), BATCH)])
 
 
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE,

@@ -233,7 +233,7 @@ class Scoring:
             except Exception as error:  # noqa: BLE001 - a failing metric must not lose the timing
                 self.results[name] = {"error": one_line(error)}
                 del self.active[name]
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.seconds[name] += time.perf_counter() - start
 
     def states(self) -> dict[str, Any]:
         """What rank 0 needs of this process: each active metric's state and seconds, or its error."""

@@ -104,16 +104,6 @@ class Metric:
         self.options = options if options is not None else self.Options()
         self._kept: list[MetricInput] = []
 
-    @classmethod
-    def streams(cls) -> bool:
-        """Whether the class keeps its own state (overrides ``update``) instead of the images (``score`` alone)."""
-        return cls.update is not Metric.update
-
-    @classmethod
-    def implemented(cls) -> bool:
-        """Whether the class implements ``score`` or ``update`` and ``compute``: what harness calls."""
-        return cls.score is not Metric.score or (cls.streams() and cls.compute is not Metric.compute)
-
     def score(self, data: MetricInput) -> dict[str, Any]:
         """The quality of ``data.images``, all at once: at least ``{"value": float}``.
 

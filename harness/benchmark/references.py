@@ -113,7 +113,11 @@ class ReferenceSets:
         """What ``metric`` compares with instead of the baseline, as its records name it; None: the baseline."""
         if metric in self.statistics:
             return self.statistics[metric][0]
-        return f"folder '{self.spec.reference}' ({len(self.folder)} pictures)" if self.folder else None
+        return self._folder_label if self.folder else None
+
+    @property
+    def _folder_label(self) -> str:
+        return f"folder '{self.spec.reference}' ({len(self.folder)} pictures)"
 
     def read(self, metrics: Mapping[str, Metric]) -> dict[str, str]:
         """Rank 0, before the first sampler: each set metric takes its reference. Returns the one-line error of
@@ -141,7 +145,7 @@ class ReferenceSets:
                     del from_folder[name]
         for name, metric in from_folder.items():
             try:
-                metric.use_as_reference(f"folder '{self.spec.reference}' ({len(self.folder)} pictures)")
+                metric.use_as_reference(self._folder_label)
             except Exception as error:  # noqa: BLE001 - a failing metric must not stop the run
                 failures[name] = f"cannot read the --reference pictures: {one_line(error)}"
                 continue

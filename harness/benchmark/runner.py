@@ -103,8 +103,10 @@ class BenchRun:
         self.unwritten: list[OSError] = []  # summary.md and plots that could not be written
         self.outdir = Path(spec.outdir)
         self.writer = RunWriter(self.outdir)
-        # Checked here, before the run folder exists; read (rank 0 only) when the run starts.
-        self.references = ReferenceSets(spec, self.metrics, resources.image_size(self.model, spec.height, spec.width))
+        # Checked here, before the run folder exists; read (rank 0 only) when the run starts. The pictures' size
+        # (model configs read from disk) matters only to a --reference folder.
+        size = resources.image_size(self.model, spec.height, spec.width) if spec.reference is not None else None
+        self.references = ReferenceSets(spec, self.metrics, size)
         # on_warning is looked up at each warning: the CLI sets it after the run is made.
         self.scoring = Scoring(self.metrics, self.model.note if self.model.random_weights else None,
                                lambda message: self.on_warning(message), self.references.label)

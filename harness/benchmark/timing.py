@@ -139,7 +139,7 @@ class MemoryTracker:
         self.peaks: dict[str, float] = {}
 
     def pause(self) -> None:
-        self.peaks = {key: max(value, self.peaks.get(key, 0.0)) for key, value in self._current().items()}
+        self.peaks = self.read()
 
     def resume(self) -> None:
         self.reset()

@@ -142,11 +142,6 @@ class Measured:
     ranks: list[RankFigures] = field(default_factory=list)
     images_made: int | None = None  # None in records before --save_images: then every image made is named
 
-    @property
-    def image_count(self) -> int:
-        """How many images the measurement made (and its metrics scored)."""
-        return self.images_made if self.images_made is not None else len(self.images)
-
 
 @dataclass(frozen=True)
 class Record:

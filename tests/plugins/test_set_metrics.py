@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from harness_plugins import set_metrics
-from harness_plugins.set_metrics import Cmmd, FdDinov2, Fid, Kid, embed, mmd_rbf
+from harness_plugins.set_metrics import Cmmd, FdDinov2, Fid, Kid, as_uint8, mmd_rbf
 from PIL import ImageOps
 
 import harness
@@ -77,7 +77,8 @@ def test_cmmd_end_to_end_on_a_local_clip(tiny_clip):  # noqa: F811 - the shared 
     images, references = renders(12, 5), renders(10, 6)
     result = cmmd.score(harness.MetricInput(images, [""] * 12, references))
     extract = cmmd.extractor()
-    expected = published_cmmd(embed(extract, references).numpy(), embed(extract, images).numpy())
+    expected = published_cmmd(extract(as_uint8(references)).double().numpy(),
+                              extract(as_uint8(images)).double().numpy())
     assert result["value"] == pytest.approx(expected, rel=1e-6)
     assert result["features"].startswith("CLIP image embeddings") and result["resize"].startswith("32x32")
     assert cmmd.score(harness.MetricInput(images, [""] * 12, images))["value"] == pytest.approx(0.0, abs=1e-6)
